@@ -1,0 +1,39 @@
+"""dreamenv: learned world models as Gymnasium environments. Importing it registers the Dream-*/Real-* ids."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dreamenv.registry import load_world_model, register_bundle, register_shipped
+from dreamenv.worldmodel import BundleError, WorldModel
+
+__all__ = [
+    "BundleError", "WorldModel", "load_controller", "load_world_model", "make_dream", "make_real", "register_bundle",
+]
+
+
+def make_dream(bundle: str | Path, temperature: float | None = None, **kwargs: Any):
+    """A DreamEnv of a bundle directory or shipped name, wrapped in the env's TimeLimit like gym.make."""
+    from gymnasium.wrappers import TimeLimit
+
+    from dreamenv.envs.dream import DreamEnv
+
+    env = DreamEnv(bundle, temperature=temperature, **kwargs)
+    return TimeLimit(env, env.world_model.max_episode_steps)
+
+
+def make_real(bundle: str | Path, **kwargs: Any):
+    """A RealEnv: the bundle's real game with the dream's observation and action spaces."""
+    from dreamenv.envs.real import RealEnv
+
+    return RealEnv(bundle, **kwargs)
+
+
+def load_controller(controller: str | Path, bundle: Any = None):
+    """A trained controller (directory or shipped name); predict(obs, deterministic=True) -> (action, None)."""
+    from dreamenv.agents.controller import load_controller as _load
+
+    return _load(controller, bundle)
+
+
+register_shipped()

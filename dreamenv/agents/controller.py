@@ -1,0 +1,225 @@
+"""C: the paper's linear controller a = W [z, h] + b, stored as safetensors + JSON, and its CMA-ES trainer in the dream."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cma
+import gymnasium as gym
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from dreamenv.envs.dream import DreamCore
+from dreamenv.registry import load_world_model, resolve_controller
+from dreamenv.spaces import space_from_json, space_to_json
+from dreamenv.worldmodel import WorldModel
+
+CONTROLLER_FORMAT = "dreamenv-controller"
+
+
+def output_dim(space: gym.Space) -> int:
+    """Number of linear outputs for an action space: one per action (Discrete) or per dimension (Box)."""
+    return int(space.n) if isinstance(space, gym.spaces.Discrete) else int(np.prod(space.shape))
+
+
+def outputs_to_actions(raw: np.ndarray, space: gym.Space) -> np.ndarray:
+    """Linear outputs (..., out) -> actions: argmax for Discrete, tanh scaled into [low, high] for Box."""
+    if isinstance(space, gym.spaces.Discrete):
+        return raw.argmax(-1).astype(np.int64) + int(space.start)
+    squashed = (np.tanh(raw) + 1.0) / 2.0
+    actions = space.low + squashed.reshape(*raw.shape[:-1], *space.shape) * (space.high - space.low)
+    return actions.astype(space.dtype)
+
+
+class ControllerMismatchError(ValueError):
+    """A controller trained for another bundle (other env, other world model)."""
+
+
+class LinearController:
+    """a = W [z, h] + b on the dream's latent observation; predict() follows Stable-Baselines3's signature."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, action_space: gym.Space, info: dict[str, Any] | None = None) -> None:
+        self.weight = np.asarray(weight, np.float32)
+        self.bias = np.asarray(bias, np.float32)
+        self.action_space = action_space
+        self.info = info or {}
+
+    @staticmethod
+    def num_params(obs_dim: int, action_space: gym.Space) -> int:
+        return (obs_dim + 1) * output_dim(action_space)
+
+    @classmethod
+    def from_flat(cls, params: np.ndarray, obs_dim: int, action_space: gym.Space, info: dict[str, Any] | None = None) -> "LinearController":
+        out = output_dim(action_space)
+        params = np.asarray(params, np.float32)
+        return cls(params[: out * obs_dim].reshape(out, obs_dim), params[out * obs_dim :], action_space, info)
+
+    @property
+    def obs_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Actions for one observation (obs_dim,) or a batch (N, obs_dim)."""
+        obs = np.asarray(obs, np.float32)
+        if obs.shape[-1] != self.obs_dim:
+            raise ValueError(f"observation has {obs.shape[-1]} features, this controller takes {self.obs_dim} (concat(z, h))")
+        return outputs_to_actions(obs @ self.weight.T + self.bias, self.action_space)
+
+    def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = True) -> tuple[np.ndarray, None]:
+        """SB3-style: (action, None). The linear controller is deterministic."""
+        return self.act(observation), None
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return self.act(obs)
+
+    def check_bundle(self, world_model: WorldModel) -> None:
+        """Raise ControllerMismatchError unless this controller was trained on `world_model`."""
+        expected = self.info.get("bundle_fingerprint")
+        if self.info.get("env_id") not in (None, world_model.env_id):
+            raise ControllerMismatchError(
+                f"controller was trained for {self.info.get('env_id')}, the bundle is of {world_model.env_id}: "
+                "train a controller on this bundle (dreamenv controller BUNDLE --out DIR)."
+            )
+        if self.obs_dim != world_model.latent_obs_dim or (expected and expected != world_model.fingerprint):
+            raise ControllerMismatchError(
+                f"controller was trained on another world model (bundle {str(expected)[:12]}, obs {self.obs_dim}) than "
+                f"this bundle ({world_model.fingerprint[:12]}, obs {world_model.latent_obs_dim}): "
+                "train a controller on this bundle (dreamenv controller BUNDLE --out DIR)."
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write controller.safetensors (W, b) and controller.json (space, bundle, training info)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight, "bias": self.bias}, str(path / "controller.safetensors"))
+        meta = {"format": CONTROLLER_FORMAT, "format_version": 1, "kind": "linear",
+                "action_space": space_to_json(self.action_space), "obs_dim": self.obs_dim, "info": self.info}
+        (path / "controller.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LinearController":
+        path = Path(path)
+        meta_path = path / "controller.json"
+        if not meta_path.is_file() or not (path / "controller.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a dreamenv controller (needs controller.json and controller.safetensors)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != CONTROLLER_FORMAT or meta.get("format_version", 0) > 1:
+            raise ValueError(f"{meta_path}: not a controller this dreamenv can read (format {meta.get('format')} v{meta.get('format_version')})")
+        tensors = load_file(str(path / "controller.safetensors"))
+        return cls(tensors["weight"], tensors["bias"], space_from_json(meta["action_space"]), meta.get("info", {}))
+
+
+def load_controller(controller: str | Path, bundle: Any = None) -> LinearController:
+    """A saved controller directory or a shipped name ('VizdoomTakeCover'); checked against `bundle` when given."""
+    model = LinearController.load(resolve_controller(controller))
+    if bundle is not None:
+        model.check_bundle(load_world_model(bundle))
+    return model
+
+
+BatchPolicy = Callable[[torch.Tensor], np.ndarray]
+
+
+def dream_returns(
+    world_model: WorldModel,
+    policy: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n: int,
+    temperature: float,
+    rng: np.random.Generator,
+    max_steps: int | None = None,
+    done_mode: str = "sample",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run n dreams as one batch until each terminates or max_steps; returns (returns, lengths).
+
+    policy(obs (m, obs_dim), rows (m,)) -> actions for the rows still running; rows index 0..n-1, so a
+    population can give each row its own controller. Finished rows drop out of the batch.
+    """
+    core = DreamCore(world_model)
+    max_steps = max_steps or world_model.max_episode_steps
+    state = core.reset(rng, n)
+    rows = np.arange(n)
+    returns = np.zeros(n, np.float64)
+    lengths = np.zeros(n, np.int64)
+    for _ in range(max_steps):
+        actions = policy(core.latent_obs(state), rows)
+        state, reward, terminated = core.step(state, world_model.encode_actions(actions), temperature, rng, done_mode)
+        returns[rows] += reward
+        lengths[rows] += 1
+        if terminated.any():
+            keep = torch.from_numpy(~terminated)
+            state = type(state)(*(t[keep] for t in state))
+            rows = rows[~terminated]
+            if len(rows) == 0:
+                break
+    return returns, lengths
+
+
+@dataclass
+class CMAESConfig:
+    """CMA-ES in the dream; defaults are the paper's (population 64, 16 rollouts per candidate)."""
+
+    population: int = 64
+    rollouts: int = 16
+    generations: int = 100
+    sigma0: float = 0.1
+    temperature: float | None = None  # None: the bundle's default
+    max_steps: int | None = None  # None: the bundle's episode limit
+    seed: int = 0
+
+
+def train_controller(
+    bundle: Any, out: str | Path, config: CMAESConfig | None = None, progress: bool = True
+) -> LinearController:
+    """CMA-ES on the linear controller, every candidate x rollout dreamed in one batch; resumes from out/cmaes.json."""
+    config = config or CMAESConfig()
+    wm = load_world_model(bundle)
+    temperature = wm.default_temperature if config.temperature is None else config.temperature
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "cmaes.json"
+    dim = LinearController.num_params(wm.latent_obs_dim, wm.action_space)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is not None and len(state["mean"]) != dim:
+        raise ValueError(f"{state_path} belongs to another controller shape; remove it or choose another --out")
+    generation = state["generation"] if state else 0
+    es = cma.CMAEvolutionStrategy(
+        state["mean"] if state else np.zeros(dim), state["sigma"] if state else config.sigma0,
+        {"popsize": config.population, "seed": config.seed + generation + 1, "verbose": -9},
+    )
+    history = state["history"] if state else []
+    out_dim = output_dim(wm.action_space)
+    bar = tqdm(total=config.generations, initial=generation, desc=f"CMA-ES tau={temperature}", unit="gen", disable=not progress)
+    while generation < config.generations:
+        candidates = np.asarray(es.ask(), np.float32)
+        weights = candidates[:, : out_dim * wm.latent_obs_dim].reshape(-1, out_dim, wm.latent_obs_dim)
+        biases = candidates[:, out_dim * wm.latent_obs_dim :]
+        owner = np.repeat(np.arange(len(candidates)), config.rollouts)
+
+        def policy(obs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            who = owner[rows]
+            raw = np.einsum("nd,nod->no", obs, weights[who]) + biases[who]
+            return outputs_to_actions(raw, wm.action_space)
+
+        rng = np.random.default_rng([config.seed, generation])
+        returns, _ = dream_returns(wm, policy, len(owner), temperature, rng, config.max_steps)
+        fitness = returns.reshape(len(candidates), config.rollouts).mean(1)
+        es.tell(list(candidates.astype(np.float64)), list(-fitness))
+        generation += 1
+        history.append({"generation": generation, "mean": float(fitness.mean()), "best": float(fitness.max())})
+        state = {"generation": generation, "mean": es.mean.tolist(), "sigma": float(es.sigma), "history": history}
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(state_path)
+        bar.update(1)
+        bar.set_postfix(mean=f"{fitness.mean():.1f}", best=f"{fitness.max():.1f}")
+    bar.close()
+    info = {"env_id": wm.env_id, "bundle_fingerprint": wm.fingerprint, "trained_in": "dream",
+            "temperature": temperature, "cmaes": asdict(config), "history": history}
+    controller = LinearController.from_flat(np.asarray(state["mean"]), wm.latent_obs_dim, wm.action_space, info)
+    controller.save(out)
+    return controller

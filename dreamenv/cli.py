@@ -1,0 +1,226 @@
+"""The `dreamenv` command: collect | train | info | controller | evaluate | dream."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from gymnasium import error as gym_error
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def cmd_collect(args: argparse.Namespace) -> None:
+    from dreamenv.data.collect import collect
+
+    path = collect(args.env_id, args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
+                   from_render=args.from_render, seed=args.seed, episodes_per_shard=args.episodes_per_shard,
+                   backend=args.backend, compression=args.compression, controller=args.controller)
+    print(f"rollouts: {path}")
+
+
+def load_recipe(path: str | None) -> dict[str, Any]:
+    """A TOML recipe (configs/*.toml) as a dict; empty when no path is given."""
+    if not path:
+        return {}
+    with open(path, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dreamenv.train import TrainConfig, train_world_model
+
+    recipe = load_recipe(args.config).get("train", {})
+    overrides = {"vae": {"z_dim": args.z_dim, "epochs": args.vae_epochs, "batch_size": args.vae_batch_size},
+                 "mdnrnn": {"hidden_size": args.hidden_size, "epochs": args.mdn_epochs, "seq_len": args.seq_len},
+                 "seed": args.seed, "default_temperature": args.temperature}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            recipe.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
+            recipe[key] = value
+    model = train_world_model(args.data, args.out, TrainConfig.from_dict(recipe), work_dir=args.work_dir)
+    print(f"bundle: {args.out}")
+    print(json.dumps(model.info["heldout"], indent=2))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from dreamenv.registry import resolve_bundle
+    from dreamenv.worldmodel import read_manifest
+
+    path = resolve_bundle(args.bundle)
+    manifest = read_manifest(path)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return
+    dims, info = manifest["dims"], manifest.get("info", {})
+    print(f"bundle      {path}")
+    print(f"env         {manifest['env_id']}   (max {manifest['max_episode_steps']} steps)")
+    print(f"model       {manifest['model_kind']}: z {dims['z_dim']}, LSTM {dims['hidden_size']}, {dims['num_gaussians']} Gaussians, action dim {dims['action_dim']}")
+    print(f"observation latent: Box(({dims['z_dim'] + dims['hidden_size']},), float32)  pixels: Box(0, 255, (64, 64, 3), uint8)")
+    print(f"action      {manifest['action_space']}")
+    print(f"temperature {manifest['default_temperature']}   initial states {dims['initial_states']}")
+    print(f"versions    {manifest['versions']}")
+    data = info.get("data", {})
+    if data:
+        print(f"data        {data.get('episodes')} episodes, {data.get('steps')} steps ({data.get('train_episodes')} train / "
+              f"{data.get('heldout_episodes')} held out), mean return {data.get('episode_return_mean', float('nan')):.1f}, "
+              f"mean length {data.get('episode_length_mean', float('nan')):.1f}")
+    held = info.get("heldout", {})
+    if held.get("vae"):
+        v = held["vae"]
+        print(f"held-out V  reconstruction {v['reconstruction']:.2f} (sum sq. error per frame), KL {v['kl']:.2f}")
+    if held.get("mdnrnn"):
+        m = held["mdnrnn"]
+        print(f"held-out M  z NLL {m['z_nll']:.3f}, reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
+        print(f"            done precision {_fmt(m['done_precision'])} recall {_fmt(m['done_recall'])} (threshold 0.5); "
+              f"sampled: precision {_fmt(m['done_precision_sampled'])} recall {_fmt(m['done_recall_sampled'])} "
+              f"over {int(m['terminal_steps'])} terminal steps")
+
+
+def cmd_controller(args: argparse.Namespace) -> None:
+    from dreamenv.agents.controller import CMAESConfig, train_controller
+
+    recipe = load_recipe(args.config).get("controller", {})
+    overrides = {"population": args.population, "rollouts": args.rollouts, "generations": args.generations,
+                 "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps}
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    controller = train_controller(args.bundle, args.out, CMAESConfig(**recipe))
+    last = controller.info["history"][-1] if controller.info["history"] else {}
+    print(f"controller: {args.out}  (last generation mean dream return {last.get('mean', float('nan')):.1f})")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from dreamenv.evaluate import evaluate, format_table
+
+    result = evaluate(args.bundle, args.controller, episodes=args.episodes, temperatures=args.temperatures,
+                      seed=args.seed, backend=args.backend, workers=args.workers, real=not args.no_real)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def cmd_dream(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from dreamenv.agents.controller import load_controller
+    from dreamenv.envs.dream import DreamEnv
+
+    env = DreamEnv(args.bundle, temperature=args.temperature, render_mode="rgb_array")
+    controller = load_controller(args.controller, env.world_model) if args.controller else None
+    obs, _ = env.reset(seed=args.seed)
+    frames, total = [env.render()], 0.0
+    for _ in range(args.steps):
+        action = controller.act(obs) if controller else env.action_space.sample()
+        obs, reward, terminated, _, _ = env.step(action)
+        total += reward
+        frames.append(env.render())
+        if terminated:
+            break
+    images = [Image.fromarray(f).resize((args.scale * 64, args.scale * 64), Image.NEAREST) for f in frames]
+    images[0].save(args.out, save_all=True, append_images=images[1:], duration=1000 // 30, loop=0)
+    print(f"wrote {args.out}: {len(frames)} frames, dream return {total:.1f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamenv", description="Learned world models as Gymnasium envs: collect rollouts, "
+                                     "train V + M, train a controller in the dream, score it in reality.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="record rollouts of a Gymnasium env into HDF5 (resumable, parallel)")
+    p.add_argument("env_id", help="Gymnasium id, e.g. VizdoomTakeCover-v1 or CarRacing-v3")
+    p.add_argument("--out", required=True, help="index file to write, e.g. runs/doom/rollouts.h5 (shards go beside it)")
+    p.add_argument("--episodes", type=int, default=100, help="total episodes (rerun with more to extend; default 100)")
+    p.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
+    p.add_argument("--policy", default="random", choices=["random", "brownian", "controller"],
+                   help="random actions, held/brownian random actions (moves CarRacing's car), or --controller")
+    p.add_argument("--controller", help="controller directory, with --policy controller")
+    p.add_argument("--from-render", action="store_true", help="record render() frames, for envs with vector observations")
+    p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed+i (default 0)")
+    p.add_argument("--episodes-per-shard", type=int, default=8, help="episodes per shard file (default 8)")
+    p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="evaluator backend")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "zstd", "none"], help="frame compression (default gzip)")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train V then M on rollouts and write a bundle (resumable)")
+    p.add_argument("data", help="rollouts index file written by `dreamenv collect`")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] tables")
+    p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
+    p.add_argument("--z-dim", type=int, help="V latent size (paper: 32 CarRacing, 64 Doom)")
+    p.add_argument("--vae-epochs", type=int, help="epochs of V")
+    p.add_argument("--vae-batch-size", type=int, help="V batch size")
+    p.add_argument("--hidden-size", type=int, help="M's LSTM size (paper: 256 CarRacing, 512 Doom)")
+    p.add_argument("--mdn-epochs", type=int, help="epochs of M")
+    p.add_argument("--seq-len", type=int, help="M's training sequence length")
+    p.add_argument("--temperature", type=float, help="default dream temperature stored in the bundle")
+    p.add_argument("--seed", type=int, help="training seed")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="describe a bundle: dims, spaces, data, held-out losses")
+    p.add_argument("bundle", help="bundle directory or shipped name")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("controller", help="train the linear controller with CMA-ES inside the dream (resumable)")
+    p.add_argument("bundle", help="bundle directory or shipped name")
+    p.add_argument("--out", required=True, help="controller directory to write")
+    p.add_argument("--config", help="TOML recipe with a [controller] table")
+    p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
+    p.add_argument("--population", type=int, help="CMA-ES population (paper: 64)")
+    p.add_argument("--rollouts", type=int, help="dream rollouts per candidate (paper: 16)")
+    p.add_argument("--generations", type=int, help="CMA-ES generations (default 100)")
+    p.add_argument("--max-steps", type=int, help="cap on dream episode length (default: the env's limit)")
+    p.add_argument("--seed", type=int, help="CMA-ES seed")
+    p.set_defaults(func=cmd_controller)
+
+    p = sub.add_parser("evaluate", help="virtual (dream) vs actual (real game) score of a controller")
+    p.add_argument("bundle", help="bundle directory or shipped name")
+    p.add_argument("--controller", required=True, help="controller directory or shipped name")
+    p.add_argument("--episodes", type=int, default=100, help="episodes in each (default 100)")
+    p.add_argument("--temperatures", type=_floats, help="comma-separated dream temperatures (default: the controller's)")
+    p.add_argument("--seed", type=int, default=0, help="first episode seed")
+    p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="real-env backend")
+    p.add_argument("--workers", type=int, default=2, help="real-env workers (default 2)")
+    p.add_argument("--no-real", action="store_true", help="score in the dream only")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("dream", help="watch a dream: write a GIF of frames decoded by V")
+    p.add_argument("bundle", help="bundle directory or shipped name")
+    p.add_argument("--out", default="dream.gif", help="GIF to write (default dream.gif)")
+    p.add_argument("--controller", help="controller to drive the dream (default: random actions)")
+    p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
+    p.add_argument("--steps", type=int, default=300, help="at most this many steps (default 300)")
+    p.add_argument("--scale", type=int, default=4, help="upscale factor of the 64x64 frames (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="dream seed")
+    p.set_defaults(func=cmd_dream)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dreamenv` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ImportError, gym_error.Error) as err:
+        print(f"dreamenv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""One evaluator for real-env work (collection, evaluation): serial, process (spawn) or Ray backends."""
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, TypeVar
+
+from gymnasium.error import DependencyNotInstalled
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BACKENDS = ("serial", "process", "ray")
+
+
+def run_tasks(
+    fn: Callable[[T], R], tasks: Iterable[T], backend: str = "process", workers: int = 2
+) -> Iterator[R]:
+    """Yield fn(task) for every task as each completes (any order); fn must be module-level."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    tasks = list(tasks)
+    if not tasks:
+        return iter(())
+    if backend == "serial":
+        return (fn(task) for task in tasks)
+    if backend == "process":
+        return _run_process(fn, tasks, min(workers, len(tasks)))
+    return _run_ray(fn, tasks, workers)
+
+
+def _run_process(fn: Callable[[T], R], tasks: list[T], workers: int) -> Iterator[R]:
+    """ProcessPoolExecutor with the spawn context (safe with threads, torch and every OS)."""
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [executor.submit(fn, task) for task in tasks]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_ray(fn: Callable[[T], R], tasks: list[T], workers: int) -> Iterator[R]:
+    """Ray tasks, one CPU each; starts a local Ray with `workers` CPUs when none is running."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, ignore_reinit_error=True)
+    remote_fn = ray.remote(num_cpus=1)(fn)
+    pending: list[Any] = [remote_fn.remote(task) for task in tasks]
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def _import_ray() -> Any:
+    """Import Ray or say how to install it."""
+    try:
+        import ray
+    except ImportError as err:
+        raise DependencyNotInstalled("the ray backend needs Ray: pip install ray") from err
+    return ray

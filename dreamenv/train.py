@@ -1,0 +1,343 @@
+"""Train V then M on a rollout store, resumably, and write the world-model bundle."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from dreamenv.checkpointing import load_checkpoint, save_checkpoint
+from dreamenv.data.dataset import open_rollouts
+from dreamenv.data.sources import make_source_env
+from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll
+from dreamenv.models.vae import ConvVAE, VAEConfig, frames_to_tensor, vae_loss
+from dreamenv.worldmodel import WorldModel, action_dim
+
+CHECKPOINT_SECONDS = 120.0  # a killed run loses at most this much training
+
+
+@dataclass
+class TrainConfig:
+    """The whole world-model recipe: V, M, and how the data is split."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    mdnrnn: MDNRNNConfig = field(default_factory=MDNRNNConfig)
+    holdout_fraction: float = 0.1
+    seed: int = 0
+    default_temperature: float = 1.0
+    initial_states: int = 1000  # size of the bank of encoded first frames used by reset()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        vae = VAEConfig(**data.pop("vae", {}))
+        mdnrnn = MDNRNNConfig(**data.pop("mdnrnn", {}))
+        return cls(vae=vae, mdnrnn=mdnrnn, **data)
+
+
+def _batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Shuffled index batches of one epoch, reproducible from the seed, starting at batch number `start`."""
+    order = np.random.default_rng(seed).permutation(n)
+    for b in range(start, math.ceil(n / batch_size)):
+        yield b, order[b * batch_size : (b + 1) * batch_size]
+
+
+def train_vae(
+    frames: np.ndarray, config: VAEConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True
+) -> ConvVAE:
+    """Train the ConvVAE on uint8 frames (N, 64, 64, 3), resuming from checkpoint_dir when it holds a run."""
+    torch.manual_seed(seed)
+    vae = ConvVAE(config.z_dim)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
+    state = load_checkpoint(checkpoint_dir, vae, optimizer) or {"epoch": 0, "batch": 0}
+    n_batches = math.ceil(len(frames) / config.batch_size)
+    bar = tqdm(total=config.epochs * n_batches, initial=state["epoch"] * n_batches + state["batch"],
+               desc="train V", unit="batch", disable=not progress)
+    last_save = time.monotonic()
+    vae.train()
+    for epoch in range(state["epoch"], config.epochs):
+        for b, index in _batches(len(frames), config.batch_size, seed + epoch, state["batch"] if epoch == state["epoch"] else 0):
+            x = frames_to_tensor(frames[np.sort(index)])
+            recon, mu, logvar = vae(x)
+            loss, rec, kl = vae_loss(recon, x, mu, logvar, config.kl_tolerance)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, rec=f"{rec.item():.1f}", kl=f"{kl.item():.1f}")
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                save_checkpoint(checkpoint_dir, vae, optimizer, {"epoch": epoch, "batch": b + 1})
+                last_save = time.monotonic()
+        save_checkpoint(checkpoint_dir, vae, optimizer, {"epoch": epoch + 1, "batch": 0})
+    bar.close()
+    vae.eval()
+    return vae
+
+
+@torch.inference_mode()
+def encode_frames(vae: ConvVAE, frames: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """V's (mu, logvar) of every frame, float32 (N, z_dim) each."""
+    mus, logvars = [], []
+    for start in range(0, len(frames), batch_size):
+        mu, logvar = vae.encode(frames_to_tensor(frames[start : start + batch_size]))
+        mus.append(mu.numpy())
+        logvars.append(logvar.numpy())
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+@torch.inference_mode()
+def vae_heldout_loss(vae: ConvVAE, frames: np.ndarray, kl_tolerance: float, batch_size: int = 256) -> dict[str, float]:
+    """Mean reconstruction (summed squared error per frame) and KL on held-out frames, z = mu."""
+    rec_sum, kl_sum = 0.0, 0.0
+    for start in range(0, len(frames), batch_size):
+        x = frames_to_tensor(frames[start : start + batch_size])
+        mu, logvar = vae.encode(x)
+        _, rec, kl = vae_loss(vae.decode(mu), x, mu, logvar, 0.0)
+        rec_sum += rec.item() * len(x)
+        kl_sum += kl.item() * len(x)
+    n = max(len(frames), 1)
+    return {"reconstruction": rec_sum / n, "kl": kl_sum / n, "frames": len(frames)}
+
+
+@dataclass
+class EpisodeData:
+    """One episode as M trains on it: V's latents, encoded actions, rewards, termination flags."""
+
+    mu: np.ndarray
+    logvar: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+
+
+def _sequence_batches(
+    episodes: list[EpisodeData], config: MDNRNNConfig, rng: np.random.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of episode pieces (at most seq_len steps), grouped by length to limit padding, with masks."""
+    pieces = [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e.mu), config.seq_len)]
+    pieces.sort(key=lambda p: min(len(episodes[p[0]].mu) - p[1], config.seq_len))
+    groups = [pieces[k : k + config.batch_size] for k in range(0, len(pieces), config.batch_size)]
+    for g in rng.permutation(len(groups)):
+        group = groups[g]
+        lengths = [min(len(episodes[i].mu) - s, config.seq_len) for i, s in group]
+        T, B = max(lengths), len(group)
+        z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
+        mu = np.zeros((B, T + 1, z_dim), np.float32)
+        logvar = np.full((B, T + 1, z_dim), -20.0, np.float32)
+        actions = np.zeros((B, T, a_dim), np.float32)
+        rewards = np.zeros((B, T), np.float32)
+        dones = np.zeros((B, T), np.float32)
+        step_mask = np.zeros((B, T), np.float32)
+        next_mask = np.zeros((B, T), np.float32)
+        for row, ((i, s), length) in enumerate(zip(group, lengths)):
+            e = episodes[i]
+            stop = s + length
+            extra = min(stop + 1, len(e.mu)) - s  # include z_{t+1} of the piece's last step when it exists
+            mu[row, :extra] = e.mu[s : s + extra]
+            logvar[row, :extra] = e.logvar[s : s + extra]
+            actions[row, :length] = e.actions[s:stop]
+            rewards[row, :length] = e.rewards[s:stop]
+            dones[row, :length] = e.terminated[s:stop]
+            step_mask[row, :length] = 1.0
+            next_mask[row, : extra - 1] = 1.0
+        yield {
+            "mu": torch.from_numpy(mu), "logvar": torch.from_numpy(logvar), "actions": torch.from_numpy(actions),
+            "rewards": torch.from_numpy(rewards), "dones": torch.from_numpy(dones),
+            "step_mask": torch.from_numpy(step_mask), "next_mask": torch.from_numpy(next_mask),
+        }
+
+
+def _mdnrnn_losses(
+    model: MDNRNN, batch: dict[str, torch.Tensor], config: MDNRNNConfig, pos_weight: float, sample: bool
+) -> dict[str, torch.Tensor]:
+    z = batch["mu"]
+    if sample:
+        z = z + torch.randn_like(z) * torch.exp(0.5 * batch["logvar"])
+    out, _ = model(z[:, :-1], batch["actions"])
+    step_mask, next_mask = batch["step_mask"], batch["next_mask"]
+    nll = (mdn_nll(out, z[:, 1:]) * next_mask).sum() / next_mask.sum().clamp(min=1)
+    reward = ((out.reward - batch["rewards"]).pow(2) * step_mask).sum() / step_mask.sum()
+    done = F.binary_cross_entropy_with_logits(
+        out.done_logit, batch["dones"], pos_weight=torch.tensor(pos_weight), reduction="none"
+    )
+    done = (done * step_mask).sum() / step_mask.sum()
+    total = nll + config.reward_weight * reward + config.done_weight * done
+    return {"loss": total, "nll": nll, "reward_mse": reward, "done_bce": done}
+
+
+def done_pos_weight(episodes: list[EpisodeData], config: MDNRNNConfig) -> float:
+    """Weight of terminal steps in the done loss: the configured one, or #non-terminal / #terminal."""
+    if config.done_pos_weight is not None:
+        return float(config.done_pos_weight)
+    steps = sum(len(e.terminated) for e in episodes)
+    terminal = sum(float(e.terminated.sum()) for e in episodes)
+    return float(max(steps - terminal, 1.0) / max(terminal, 1.0))
+
+
+def train_mdnrnn(
+    episodes: list[EpisodeData], config: MDNRNNConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True
+) -> tuple[MDNRNN, float]:
+    """Train M on per-episode latents, resumable; returns the model with a calibrated done head, and the pos weight."""
+    torch.manual_seed(seed)
+    z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
+    model = MDNRNN(z_dim, a_dim, config.hidden_size, config.num_gaussians)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    state = load_checkpoint(checkpoint_dir, model, optimizer) or {"epoch": 0}
+    pos_weight = done_pos_weight(episodes, config)
+    bar = tqdm(total=config.epochs, initial=state["epoch"], desc="train M", unit="epoch", disable=not progress)
+    model.train()
+    for epoch in range(state["epoch"], config.epochs):
+        rng = np.random.default_rng(seed + epoch)
+        totals: dict[str, float] = {}
+        for count, batch in enumerate(_sequence_batches(episodes, config, rng), start=1):
+            losses = _mdnrnn_losses(model, batch, config, pos_weight, sample=True)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + (v.item() - totals.get(k, 0.0)) / count
+        save_checkpoint(checkpoint_dir, model, optimizer, {"epoch": epoch + 1})
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in totals.items() if k != "loss"})
+    bar.close()
+    model.eval()
+    with torch.no_grad():  # weighted BCE shifts logits by log(pos_weight); undo it so p(done) is calibrated
+        model.done_head.bias -= math.log(pos_weight)
+    return model, pos_weight
+
+
+@torch.inference_mode()
+def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: MDNRNNConfig) -> dict[str, float]:
+    """Held-out z NLL, reward error and done precision/recall (threshold 0.5, and expected under sampling)."""
+    if not episodes:
+        return {}
+    nll_sum = nll_n = rew_sq = rew_abs = steps = 0.0
+    tp = fp = fn = exp_tp = exp_fp = positives = 0.0
+    for batch in _sequence_batches(episodes, dataclasses.replace(config, batch_size=64), np.random.default_rng(0)):
+        out, _ = model(batch["mu"][:, :-1], batch["actions"])
+        step_mask, next_mask = batch["step_mask"], batch["next_mask"]
+        nll_sum += (mdn_nll(out, batch["mu"][:, 1:]) * next_mask).sum().item()
+        nll_n += next_mask.sum().item()
+        err = (out.reward - batch["rewards"]) * step_mask
+        rew_sq += err.pow(2).sum().item()
+        rew_abs += err.abs().sum().item()
+        steps += step_mask.sum().item()
+        prob = torch.sigmoid(out.done_logit) * step_mask
+        truth = batch["dones"] * step_mask
+        pred = (prob > 0.5).float()
+        tp += (pred * truth).sum().item()
+        fp += (pred * (1 - truth) * step_mask).sum().item()
+        fn += ((1 - pred) * truth).sum().item()
+        exp_tp += (prob * truth).sum().item()
+        exp_fp += (prob * (1 - truth)).sum().item()
+        positives += truth.sum().item()
+    def ratio(a: float, b: float) -> float | None:  # None (JSON null) where undefined
+        return a / b if b else None
+
+    return {
+        "z_nll": nll_sum / max(nll_n, 1),
+        "reward_mse": rew_sq / steps,
+        "reward_mae": rew_abs / steps,
+        "done_precision": ratio(tp, tp + fp),
+        "done_recall": ratio(tp, tp + fn),
+        "done_precision_sampled": ratio(exp_tp, exp_tp + exp_fp),
+        "done_recall_sampled": ratio(exp_tp, positives),
+        "terminal_steps": positives,
+        "steps": steps,
+        "episodes": len(episodes),
+    }
+
+
+def _episode_data(bounds: np.ndarray, ids: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
+                  arrays: dict[str, np.ndarray], world_actions) -> list[EpisodeData]:
+    return [
+        EpisodeData(
+            mu=mu[s:e], logvar=logvar[s:e], actions=world_actions(arrays["actions"][s:e]),
+            rewards=arrays["rewards"][s:e].astype(np.float32), terminated=arrays["terminated"][s:e].astype(np.float32),
+        )
+        for s, e in (bounds[i] for i in ids)
+    ]
+
+
+def train_world_model(
+    rollouts_path: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> WorldModel:
+    """Rollouts -> V -> latents -> M -> bundle at `out`; rerunning the same call resumes where it stopped."""
+    config = config or TrainConfig()
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    with open_rollouts(rollouts_path) as rollouts:
+        bounds = rollouts.episode_bounds()
+        train_ids, heldout_ids = rollouts.split_episodes(config.holdout_fraction, config.seed)
+        arrays = rollouts.load_arrays()
+        env_id, frame_spec, space = rollouts.env_id, rollouts.frame_spec, rollouts.action_space
+        frames = rollouts.load_frames()
+    train_index = np.concatenate([np.arange(*bounds[i]) for i in train_ids])
+    heldout_index = np.concatenate([np.arange(*bounds[i]) for i in heldout_ids]) if len(heldout_ids) else np.zeros(0, int)
+
+    vae = train_vae(frames[train_index], config.vae, work / "vae", config.seed, progress)
+    latents_path = work / "latents.safetensors"
+    if latents_path.is_file() and (work / "latents.done").is_file():
+        stored = load_numpy(str(latents_path))
+        mu, logvar = stored["mu"], stored["logvar"]
+    else:
+        mu, logvar = encode_frames(vae, frames)
+        save_numpy({"mu": mu, "logvar": logvar}, str(latents_path))
+        (work / "latents.done").write_text("ok\n")
+    vae_metrics = vae_heldout_loss(vae, frames[heldout_index], config.vae.kl_tolerance)
+    del frames
+
+    def encode(actions: np.ndarray) -> np.ndarray:
+        if space.__class__.__name__ == "Discrete":
+            return np.eye(space.n, dtype=np.float32)[actions.astype(np.int64).reshape(-1) - space.start]
+        return actions.astype(np.float32).reshape(len(actions), -1)
+
+    train_eps = _episode_data(bounds, train_ids, mu, logvar, arrays, encode)
+    heldout_eps = _episode_data(bounds, heldout_ids, mu, logvar, arrays, encode)
+    assert train_eps[0].actions.shape[1] == action_dim(space)
+    mdnrnn, pos_weight = train_mdnrnn(train_eps, config.mdnrnn, work / "mdnrnn", config.seed, progress)
+    m_metrics = mdnrnn_heldout_metrics(mdnrnn, heldout_eps, config.mdnrnn)
+
+    first = bounds[train_ids, 0][: config.initial_states]
+    max_steps = make_source_env_limit(env_id)
+    returns = [float(arrays["rewards"][s:e].sum()) for s, e in bounds]
+    model = WorldModel(
+        vae=vae, mdnrnn=mdnrnn, initial_z=torch.from_numpy(mu[first]).clone(), env_id=env_id,
+        action_space=space, frame_spec=frame_spec, max_episode_steps=max_steps,
+        default_temperature=config.default_temperature,
+        info={
+            "data": {"rollouts": str(rollouts_path), "episodes": int(len(bounds)), "steps": int(len(mu)),
+                     "train_episodes": int(len(train_ids)), "heldout_episodes": int(len(heldout_ids)),
+                     "episode_return_mean": float(np.mean(returns)), "episode_length_mean": float(np.mean(bounds[:, 1] - bounds[:, 0]))},
+            "heldout": {"vae": vae_metrics, "mdnrnn": m_metrics},
+            "done_pos_weight": pos_weight,
+            "recipe": dataclasses.asdict(config),
+        },
+    )
+    model.save(out)
+    return model
+
+
+def make_source_env_limit(env_id: str) -> int:
+    """The episode limit of the real env (its TimeLimit), as the dream's max_episode_steps."""
+    env = make_source_env(env_id)
+    try:
+        return int(env.spec.max_episode_steps or 1000)
+    finally:
+        env.close()

@@ -1,0 +1,196 @@
+"""Collection into the sharded HDF5 store: layout, flags, parallel == serial, resume, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from gymnasium.error import DependencyNotInstalled
+
+from dreamenv.data.collect import collect, shard_dir_for
+from dreamenv.data.dataset import open_rollouts
+from dreamenv.parallel import run_tasks
+from tests.tiny_envs import MODULE, PIXELS_BOX_ID, PIXELS_ID, VECTOR_ID
+
+PIXELS = f"{MODULE}:{PIXELS_ID}"
+PIXELS_BOX = f"{MODULE}:{PIXELS_BOX_ID}"
+VECTOR = f"{MODULE}:{VECTOR_ID}"
+
+
+def _collect(out: Path, episodes: int = 10, env_id: str = PIXELS, **kw: Any) -> Path:
+    kw = {"episodes_per_shard": 4, "backend": "serial", "progress": False, **kw}
+    return collect(env_id, out, episodes, **kw)
+
+
+def _contents(path: Path) -> dict[str, np.ndarray]:
+    with open_rollouts(path) as r:
+        return {**r.load_arrays(), "frames": r.load_frames()}
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_layout_and_attrs(tmp_path: Path) -> None:
+    out = _collect(tmp_path / "run" / "rollouts.h5")
+    shards = tmp_path / "run" / "rollouts.shards"
+    assert out == tmp_path / "run" / "rollouts.h5"
+    assert sorted(p.name for p in shards.iterdir()) == [f"shard-0000{k}.h5" for k in range(3)]
+    with h5py.File(out, "r") as f:
+        assert f["frames"].is_virtual
+        assert {m.file_name for m in f["frames"].virtual_sources()} == {
+            f"rollouts.shards/shard-0000{k}.h5" for k in range(3)}
+        assert f["frames"].dtype == np.uint8 and f["frames"].shape[1:] == (64, 64, 3)
+        attrs = dict(f.attrs)
+    assert attrs["env_id"] == PIXELS_ID and attrs["num_episodes"] == 10 and attrs["seed"] == 0
+    assert attrs["episodes_per_shard"] == 4 and attrs["policy"] == "random" and attrs["complete"]
+    assert json.loads(attrs["action_space"]) == {"type": "Discrete", "n": 3, "start": 0}
+    assert json.loads(attrs["frame_spec"])["size"] == 64 and attrs["dreamenv_version"]
+    with h5py.File(shards / "shard-00002.h5", "r") as f:
+        assert f.attrs["complete"] and f.attrs["num_episodes"] == 2
+        assert f["frames"].chunks[0] == 64 and f["frames"].compression == "gzip"
+        assert f["frames"].maxshape[0] is None
+    with open_rollouts(out) as r:
+        assert r.num_episodes == 10 and attrs["num_steps"] == r.num_steps
+        frames = r.load_frames()
+    assert frames.dtype == np.uint8 and frames.shape == (r.num_steps, 64, 64, 3) and frames.std() > 0
+
+
+def test_episode_flags_consistent(tmp_path: Path) -> None:
+    with open_rollouts(_collect(tmp_path / "r.h5", episodes=16)) as r:
+        arrays, bounds = r.load_arrays(), r.episode_bounds()
+    ends = arrays["terminated"] | arrays["truncated"]
+    assert len(bounds) == 16 and bounds[0, 0] == 0 and bounds[-1, 1] == len(ends)
+    for start, end in bounds:
+        assert arrays["episode_starts"][start] and not arrays["episode_starts"][start + 1:end].any()
+        assert ends[end - 1] and not ends[start:end - 1].any()
+        assert 5 <= end - start <= 20  # TinyPixels: 5..30 steps, truncated at 20
+    assert arrays["terminated"].any() and arrays["truncated"].any()
+    assert arrays["actions"].dtype == np.int64 and set(np.unique(arrays["actions"])) <= {0, 1, 2}
+    assert (arrays["rewards"] == 1).all() and arrays["rewards"].dtype == np.float32
+
+
+def test_process_backend_matches_serial(tmp_path: Path) -> None:
+    serial = _collect(tmp_path / "serial.h5", episodes=8, episodes_per_shard=2)
+    parallel = _collect(tmp_path / "process.h5", episodes=8, episodes_per_shard=2, backend="process", workers=2)
+    _assert_same(_contents(serial), _contents(parallel))
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    clean = _contents(_collect(tmp_path / "clean.h5", episodes=12))
+    out = _collect(tmp_path / "r.h5", episodes=12)
+    shards = shard_dir_for(out)
+    kept = (shards / "shard-00000.h5").stat().st_mtime_ns
+    # A kill mid-run: shard 1 never finished, shard 2 was being written, the index was being replaced.
+    (shards / "shard-00001.h5").unlink()
+    shutil.move(shards / "shard-00002.h5", shards / "shard-00002.h5.tmp")
+    (shards / "shard-00002.h5.tmp").write_bytes(b"half a shard")
+    (tmp_path / "r.h5.tmp").write_bytes(b"half an index")
+    _collect(out, episodes=12)
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert (shards / "shard-00000.h5").stat().st_mtime_ns == kept
+    _assert_same(clean, _contents(out))
+
+
+def test_incomplete_shard_is_recollected(tmp_path: Path) -> None:
+    clean = _contents(_collect(tmp_path / "clean.h5", episodes=8))
+    out = _collect(tmp_path / "r.h5", episodes=8)
+    with h5py.File(shard_dir_for(out) / "shard-00001.h5", "r+") as f:
+        f.attrs["complete"] = False
+    _collect(out, episodes=8)
+    _assert_same(clean, _contents(out))
+
+
+def test_more_episodes_adds_shards(tmp_path: Path) -> None:
+    clean = _contents(_collect(tmp_path / "clean.h5", episodes=10))
+    out = _collect(tmp_path / "r.h5", episodes=6)
+    with open_rollouts(out) as r:
+        assert r.num_episodes == 6
+    _collect(out, episodes=10)
+    assert len(list(shard_dir_for(out).glob("shard-*.h5"))) == 3
+    _assert_same(clean, _contents(out))
+
+
+@pytest.mark.parametrize("change", [{"env_id": PIXELS_BOX}, {"seed": 1}, {"episodes_per_shard": 3}])
+def test_resume_into_other_store_raises(tmp_path: Path, change: dict[str, Any]) -> None:
+    out = _collect(tmp_path / "r.h5", episodes=4)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"{key}="):
+        _collect(out, episodes=8, **change)
+
+
+def test_vector_env_needs_from_render(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no image observations.*from-render"):
+        _collect(tmp_path / "r.h5", env_id=VECTOR, backend="process")
+    assert not (tmp_path / "r.shards").exists()
+
+
+def test_from_render_and_moved_folder(tmp_path: Path) -> None:
+    _collect(tmp_path / "a" / "r.h5", episodes=3, env_id=VECTOR, from_render=True)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    with open_rollouts(tmp_path / "b" / "r.h5") as r:
+        assert r.frame_spec.from_render and r.num_episodes == 3
+        frames = r.load_frames()
+    assert frames.shape[1:] == (64, 64, 3) and frames.max() > 0
+
+
+def test_brownian_box_actions(tmp_path: Path) -> None:
+    with open_rollouts(_collect(tmp_path / "r.h5", episodes=4, env_id=PIXELS_BOX, policy="brownian")) as r:
+        actions, bounds = r.load_arrays()["actions"], r.episode_bounds()
+        assert r.action_space.shape == (2,)
+    assert actions.dtype == np.float32 and actions.shape[1:] == (2,)
+    assert (np.abs(actions) <= 1).all()
+    steps = np.concatenate([np.diff(actions[s:e], axis=0) for s, e in bounds])
+    assert np.abs(steps).max() < 1.5  # a random walk, not independent uniform draws
+
+
+def always_one(env: Any) -> Any:
+    """A policy factory: always action 1."""
+    return lambda obs, frame: 1
+
+
+def test_policy_factory_and_bad_arguments(tmp_path: Path) -> None:
+    with open_rollouts(_collect(tmp_path / "r.h5", episodes=2, policy=always_one)) as r:
+        assert (r.load_arrays()["actions"] == 1).all()
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert f.attrs["policy"] == f"{__name__}:always_one"
+    with pytest.raises(ValueError, match="unknown policy"):
+        _collect(tmp_path / "x.h5", policy="clever")
+    with pytest.raises(ValueError, match="unknown compression"):
+        _collect(tmp_path / "x.h5", compression="lz5")
+    with pytest.raises(ValueError, match="valid backends: serial, process, ray"):
+        _collect(tmp_path / "x.h5", backend="threads")
+
+
+def test_zstd_compression(tmp_path: Path) -> None:
+    pytest.importorskip("hdf5plugin")
+    clean = _contents(_collect(tmp_path / "gzip.h5", episodes=2))
+    _assert_same(clean, _contents(_collect(tmp_path / "zstd.h5", episodes=2, compression="zstd")))
+
+
+def square(x: int) -> tuple[int, int]:
+    """A picklable task: returns (input, result) so results identify themselves."""
+    return x, x * x
+
+
+def test_run_tasks_backends() -> None:
+    assert sorted(run_tasks(square, range(5), backend="serial")) == [(x, x * x) for x in range(5)]
+    assert list(run_tasks(square, [], backend="process")) == []
+    with pytest.raises(ValueError, match="valid backends"):
+        run_tasks(square, [1], backend="dask")
+
+
+def test_ray_backend_missing_says_how_to_install() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(DependencyNotInstalled, match="pip install ray"):
+            list(run_tasks(square, [1], backend="ray"))
+    else:
+        assert list(run_tasks(square, [3], backend="ray", workers=2)) == [(3, 9)]
