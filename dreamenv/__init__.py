@@ -8,7 +8,7 @@ from dreamenv.registry import load_world_model, register_bundle, register_shippe
 from dreamenv.worldmodel import BundleError, WorldModel
 
 __all__ = [
-    "BundleError", "WorldModel", "load_controller", "load_world_model", "make_dream", "make_real", "register_bundle",
+    "BundleError", "WorldModel", "load_controller", "load_world_model", "make_dream", "make_dream_vec", "make_real", "sb3_vec_env", "register_bundle",
 ]
 
 
@@ -27,6 +27,20 @@ def make_real(bundle: str | Path, **kwargs: Any):
     from dreamenv.envs.real import RealEnv
 
     return RealEnv(bundle, **kwargs)
+
+
+def make_dream_vec(bundle: str | Path, num_envs: int, temperature: float | None = None, **kwargs: Any):
+    """A DreamVectorEnv: num_envs dreams stepped as one batch (Gymnasium VectorEnv API)."""
+    from dreamenv.envs.vector import DreamVectorEnv
+
+    return DreamVectorEnv(num_envs, bundle, temperature=temperature, **kwargs)
+
+
+def sb3_vec_env(env: str | Path, n_envs: int = 8, **kwargs: Any):
+    """A Stable-Baselines3 VecEnv of n_envs batched dreams (a Dream-*-v0 id, a bundle directory or a shipped name)."""
+    from dreamenv.envs.sb3 import sb3_vec_env as _make
+
+    return _make(env, n_envs, **kwargs)
 
 
 def load_controller(controller: str | Path, bundle: Any = None):

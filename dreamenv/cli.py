@@ -20,7 +20,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
     path = collect(args.env_id, args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
                    from_render=args.from_render, seed=args.seed, episodes_per_shard=args.episodes_per_shard,
-                   backend=args.backend, compression=args.compression, controller=args.controller)
+                   backend=args.backend, compression=args.compression, controller=args.controller,
+                   bundle=args.bundle)
     print(f"rollouts: {path}")
 
 
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
     p.add_argument("--policy", default="random", choices=["random", "brownian", "controller"],
                    help="random actions, held/brownian random actions (moves CarRacing's car), or --controller")
-    p.add_argument("--controller", help="controller directory, with --policy controller")
+    p.add_argument("--controller", help="controller directory or shipped name, with --policy controller")
+    p.add_argument("--bundle", help="the controller's bundle (its V and M turn frames into observations)")
     p.add_argument("--from-render", action="store_true", help="record render() frames, for envs with vector observations")
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed+i (default 0)")
     p.add_argument("--episodes-per-shard", type=int, default=8, help="episodes per shard file (default 8)")

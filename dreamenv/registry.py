@@ -83,6 +83,7 @@ def register_bundle(
     gym.register(
         dream_id,
         entry_point="dreamenv.envs.dream:DreamEnv",
+        vector_entry_point="dreamenv.envs.vector:DreamVectorEnv",
         max_episode_steps=int(manifest["max_episode_steps"]),
         kwargs=dream_kwargs,
     )

@@ -1,4 +1,91 @@
-"""Shared fixtures: the tiny test envs are registered by importing tests.tiny_envs."""
+"""Shared fixtures: the tiny test envs are registered by importing tests.tiny_envs.
+
+Session fixtures build, once per test run, tiny rollout stores of the two tiny pixel envs (Discrete and Box
+actions), a tiny world-model bundle trained on each, and a tiny CMA-ES controller for each bundle.
+"""
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
 import tests.tiny_envs  # noqa: F401  (registers DreamenvTest/* ids)
+from tests.tiny_envs import MODULE, PIXELS_BOX_ID, PIXELS_ID
+
+# The test models are tiny: intra-op threads only add overhead, and they oversubscribe the cores badly when
+# anything else runs beside the tests (measured here: a dream step 25x slower with 2 threads than with 1).
+torch.set_num_threads(1)
+
+TINY_ENVS = {"discrete": PIXELS_ID, "box": PIXELS_BOX_ID}
+
+
+def tiny_train_config():
+    """The smallest useful recipe: V z=4 for one epoch, M with an LSTM of 16 for two epochs."""
+    from dreamenv.models.mdnrnn import MDNRNNConfig
+    from dreamenv.models.vae import VAEConfig
+    from dreamenv.train import TrainConfig
+
+    return TrainConfig(
+        vae=VAEConfig(z_dim=4, epochs=1, batch_size=32),
+        mdnrnn=MDNRNNConfig(hidden_size=16, epochs=2, seq_len=16, batch_size=8),
+    )
+
+
+def tiny_cmaes_config(generations: int = 2):
+    from dreamenv.agents.controller import CMAESConfig
+
+    return CMAESConfig(population=6, rollouts=2, generations=generations, max_steps=30)
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """One tiny pipeline: rollouts -> bundle (+ its training work dir) -> controller."""
+
+    kind: str  # "discrete" or "box"
+    env_id: str  # the registered id of the real (tiny) env, as stored in the bundle
+    rollouts: Path
+    bundle: Path
+    work: Path
+    controller: Path
+
+
+def _build(root: Path, kind: str) -> Tiny:
+    from dreamenv.agents.controller import train_controller
+    from dreamenv.data.collect import collect
+    from dreamenv.train import train_world_model
+
+    env_id = TINY_ENVS[kind]
+    rollouts = collect(f"{MODULE}:{env_id}", root / "rollouts.h5", 12, episodes_per_shard=6,
+                       backend="serial", progress=False)
+    bundle = root / "bundle"
+    train_world_model(rollouts, bundle, tiny_train_config(), progress=False)
+    controller = root / "controller"
+    train_controller(bundle, controller, tiny_cmaes_config(), progress=False)
+    return Tiny(kind, env_id, rollouts, bundle, root / "bundle.work", controller)
+
+
+@pytest.fixture(scope="session")
+def tiny_discrete(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """Tiny pipeline over DreamenvTest/TinyPixels-v0 (Discrete(3) actions, 20-step limit)."""
+    return _build(tmp_path_factory.mktemp("tiny_discrete"), "discrete")
+
+
+@pytest.fixture(scope="session")
+def tiny_box(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """Tiny pipeline over DreamenvTest/TinyPixelsBox-v0 (Box(-1, 1, (2,)) actions)."""
+    return _build(tmp_path_factory.mktemp("tiny_box"), "box")
+
+
+@pytest.fixture(scope="session", params=["discrete", "box"])
+def tiny(request: pytest.FixtureRequest) -> Tiny:
+    """Each tiny pipeline in turn."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture
+def bundle_copy(tiny_discrete: Tiny, tmp_path: Path) -> Path:
+    """A private copy of the Discrete bundle, to tamper with."""
+    return Path(shutil.copytree(tiny_discrete.bundle, tmp_path / "bundle"))

@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from dreamenv.envs.dream import DreamCore
+from dreamenv.envs.dream import DreamCore, Noise
 from dreamenv.registry import load_world_model, resolve_controller
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -122,7 +122,32 @@ def load_controller(controller: str | Path, bundle: Any = None) -> LinearControl
     return model
 
 
-BatchPolicy = Callable[[torch.Tensor], np.ndarray]
+@dataclass(frozen=True)
+class ControllerPolicy:
+    """A collection policy factory: the controller acts on frames seen through its bundle's V and M, as in RealEnv."""
+
+    bundle: str
+    controller: str
+
+    @property
+    def name(self) -> str:
+        return f"controller:{self.controller}"
+
+    def __call__(self, env: gym.Env) -> Callable[[Any, np.ndarray], Any]:
+        wm = load_world_model(self.bundle)
+        ctrl = load_controller(self.controller, wm)
+        h = torch.zeros(1, wm.hidden_size)
+        c = torch.zeros_like(h)
+
+        def act(obs: Any, frame: np.ndarray) -> Any:
+            nonlocal h, c
+            z = wm.encode_frames(frame[None])
+            action = ctrl.act(torch.cat([z, h], dim=-1)[0].numpy())
+            with torch.inference_mode():
+                h, c = wm.mdnrnn.step(z, wm.encode_actions(np.asarray(action)[None]), h, c)
+            return action
+
+        return act
 
 
 def dream_returns(
@@ -141,13 +166,17 @@ def dream_returns(
     """
     core = DreamCore(world_model)
     max_steps = max_steps or world_model.max_episode_steps
-    state = core.reset(rng, n)
+    state = core.initial_state(rng.integers(0, world_model.initial_z.shape[0], size=n))
     rows = np.arange(n)
     returns = np.zeros(n, np.float64)
     lengths = np.zeros(n, np.int64)
     for _ in range(max_steps):
         actions = policy(core.latent_obs(state), rows)
-        state, reward, terminated = core.step(state, world_model.encode_actions(actions), temperature, rng, done_mode)
+        m = len(rows)
+        noise = Noise(torch.from_numpy(rng.random((m, core.z_dim), dtype=np.float32)),
+                      torch.from_numpy(rng.standard_normal((m, core.z_dim), dtype=np.float32)),
+                      rng.random(m, dtype=np.float32))
+        state, reward, terminated = core.step(state, world_model.encode_actions(actions), temperature, noise, done_mode)
         returns[rows] += reward
         lengths[rows] += 1
         if terminated.any():

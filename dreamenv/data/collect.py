@@ -65,6 +65,7 @@ def collect(
     episodes_per_shard: int = 8,
     backend: str = "process",
     controller: str | None = None,
+    bundle: str | None = None,
     progress: bool = True,
     compression: str = "gzip",
 ) -> Path:
@@ -74,7 +75,8 @@ def collect(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     compression_kwargs(compression)  # fail early on an unusable codec
-    policy_name = _policy_name(policy, controller)
+    policy = _resolve_policy(policy, controller, bundle)
+    policy_name = _policy_name(policy)
     frame_spec, action_space = _probe_env(env_id, from_render)
     out = Path(out)
     shard_dir = shard_dir_for(out)
@@ -159,18 +161,27 @@ def _probe_env(env_id: str, from_render: bool) -> tuple[FrameSpec, gym.Space]:
         env.close()
 
 
-def _policy_name(policy: str | PolicyFactory, controller: str | None) -> str:
+def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle: str | None) -> str | PolicyFactory:
+    """'controller' becomes a ControllerPolicy (the controller seeing frames through its bundle's V and M)."""
+    if policy != "controller":
+        return policy
+    if not controller or not bundle:
+        raise ValueError("policy 'controller' needs a controller and its bundle: --controller DIR --bundle BUNDLE")
+    from dreamenv.agents.controller import ControllerPolicy
+    from dreamenv.registry import resolve_bundle, resolve_controller
+
+    return ControllerPolicy(str(resolve_bundle(bundle)), str(resolve_controller(controller)))
+
+
+def _policy_name(policy: str | PolicyFactory) -> str:
     """The name stored in the file; validates the policy choice."""
+    if hasattr(policy, "name"):
+        return str(policy.name)
     if callable(policy):
         return f"{policy.__module__}:{policy.__qualname__}"
     if policy in ("random", "brownian"):
         return policy
-    if policy == "controller":
-        raise ValueError(
-            f"policy 'controller' (controller={controller!r}) is not wired yet; "
-            "pass policy=<module-level factory(env) -> callable(obs, frame) -> action>"
-        )
-    raise ValueError(f"unknown policy {policy!r}; use 'random', 'brownian' or a policy factory callable")
+    raise ValueError(f"unknown policy {policy!r}; use 'random', 'brownian', 'controller' or a policy factory callable")
 
 
 def _plan_shards(episodes: int, per_shard: int) -> dict[int, tuple[int, int]]:

@@ -26,19 +26,67 @@ class DreamState(NamedTuple):
     c: torch.Tensor
 
 
+class Noise(NamedTuple):
+    """The random numbers of one dream step for N envs: mixture choice, Gaussian noise, done draw."""
+
+    uniform: torch.Tensor  # (N, z_dim)
+    normal: torch.Tensor  # (N, z_dim)
+    done: np.ndarray  # (N,)
+
+
+class NoiseBuffer:
+    """Per-env noise drawn in blocks from each env's own generator: N batched dreams draw exactly what N single dreams do."""
+
+    def __init__(self, num_envs: int, z_dim: int, block: int = 64) -> None:
+        self.block = block
+        self.uniform = np.zeros((num_envs, block, z_dim), np.float32)
+        self.normal = np.zeros((num_envs, block, z_dim), np.float32)
+        self.done = np.zeros((num_envs, block), np.float32)
+        self.pos = np.full(num_envs, block)
+        self._rows = np.arange(num_envs)
+
+    def clear(self, envs: np.ndarray | slice | int) -> None:
+        """Forget buffered draws (on reset), so an episode's draws start fresh from its generator."""
+        self.pos[envs] = self.block
+
+    def draw(self, rngs: list[np.random.Generator], active: np.ndarray | None = None) -> Noise:
+        """The next step's noise; only `active` envs (default all) consume draws."""
+        stale = self.pos >= self.block if active is None else (self.pos >= self.block) & active
+        for i in np.flatnonzero(stale):
+            rng = rngs[i]
+            self.uniform[i] = rng.random(self.uniform.shape[1:], dtype=np.float32)
+            self.normal[i] = rng.standard_normal(self.normal.shape[1:], dtype=np.float32)
+            self.done[i] = rng.random(self.block, dtype=np.float32)
+            self.pos[i] = 0
+        pos = np.minimum(self.pos, self.block - 1)
+        noise = Noise(
+            torch.from_numpy(self.uniform[self._rows, pos]),
+            torch.from_numpy(self.normal[self._rows, pos]),
+            self.done[self._rows, pos],
+        )
+        if active is None:
+            self.pos += 1
+        else:
+            self.pos[active] += 1
+        return noise
+
+
 class DreamCore:
-    """Batched dream dynamics shared by DreamEnv, CMA-ES and evaluation; noise comes from the caller's numpy generator."""
+    """Batched dream dynamics shared by DreamEnv, DreamVectorEnv, CMA-ES and evaluation."""
 
     def __init__(self, world_model: WorldModel) -> None:
         self.wm = world_model
         self.z_dim = world_model.z_dim
         self.hidden_size = world_model.hidden_size
 
-    def reset(self, rng: np.random.Generator, n: int) -> DreamState:
-        """z_0 drawn from the bank of encoded first frames, h_0 = c_0 = 0."""
-        index = rng.integers(0, self.wm.initial_z.shape[0], size=n)
-        zeros = torch.zeros(n, self.hidden_size)
-        return DreamState(self.wm.initial_z[torch.from_numpy(index)].clone(), zeros, zeros.clone())
+    def initial_state(self, index: np.ndarray) -> DreamState:
+        """z_0 = entries `index` of the bank of encoded first frames, h_0 = c_0 = 0."""
+        zeros = torch.zeros(len(index), self.hidden_size)
+        return DreamState(self.wm.initial_z[torch.as_tensor(index)].clone(), zeros, zeros.clone())
+
+    def draw_initial(self, rng: np.random.Generator) -> int:
+        """Index of a random entry of the initial-state bank."""
+        return int(rng.integers(0, self.wm.initial_z.shape[0]))
 
     @torch.inference_mode()
     def step(
@@ -46,22 +94,16 @@ class DreamCore:
         state: DreamState,
         actions: torch.Tensor,
         temperature: float | torch.Tensor,
-        rng: np.random.Generator,
+        noise: Noise,
         done_mode: str = "sample",
         done_threshold: float = 0.5,
     ) -> tuple[DreamState, np.ndarray, np.ndarray]:
         """h' = M(z, a, h); z' ~ MDN(h') at temperature; reward and termination from M's heads."""
-        n = state.z.shape[0]
         h, c = self.wm.mdnrnn.step(state.z, actions, state.h, state.c)
         out = self.wm.mdnrnn.heads(h)
-        uniform = torch.from_numpy(rng.random((n, self.z_dim), dtype=np.float32))
-        normal = torch.from_numpy(rng.standard_normal((n, self.z_dim), dtype=np.float32))
-        z = sample_mdn(out, temperature, uniform, normal)
+        z = sample_mdn(out, temperature, noise.uniform, noise.normal)
         done_prob = torch.sigmoid(out.done_logit).numpy()
-        if done_mode == "sample":
-            terminated = rng.random(n) < done_prob
-        else:
-            terminated = done_prob > done_threshold
+        terminated = noise.done < done_prob if done_mode == "sample" else done_prob > done_threshold
         return DreamState(z, h, c), out.reward.numpy().astype(np.float32), terminated
 
     def latent_obs(self, state: DreamState) -> np.ndarray:
@@ -72,6 +114,10 @@ class DreamCore:
     def pixels(self, state: DreamState) -> np.ndarray:
         """V's decoding of z_t as uint8 (N, 64, 64, 3)."""
         return tensor_to_frames(self.wm.vae.decode(state.z))
+
+    def observe(self, state: DreamState, obs_mode: str) -> np.ndarray:
+        """The batch of observations in `obs_mode`."""
+        return self.latent_obs(state) if obs_mode == "latent" else self.pixels(state)
 
 
 class DreamEnv(gym.Env, EzPickle):
@@ -114,27 +160,25 @@ class DreamEnv(gym.Env, EzPickle):
         self.action_space = self.world_model.action_space
         self.observation_space = observation_space(self.world_model, obs_mode)
         self._state: DreamState | None = None
-
-    def _observation(self) -> np.ndarray:
-        if self.obs_mode == "latent":
-            return self.core.latent_obs(self._state)[0]
-        return self.core.pixels(self._state)[0]
+        self._noise = NoiseBuffer(1, self.world_model.z_dim)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         if options and "temperature" in options:
             self.temperature = check_temperature(float(options["temperature"]))
-        self._state = self.core.reset(self.np_random, 1)
-        return self._observation(), {"temperature": self.temperature}
+        self._noise.clear(0)
+        self._state = self.core.initial_state(np.array([self.core.draw_initial(self.np_random)]))
+        return self.core.observe(self._state, self.obs_mode)[0], {"temperature": self.temperature}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._state is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         encoded = self.world_model.encode_actions(check_action(self.action_space, action)[None])
+        noise = self._noise.draw([self.np_random])
         self._state, reward, terminated = self.core.step(
-            self._state, encoded, self.temperature, self.np_random, self.done_mode, self.done_threshold
+            self._state, encoded, self.temperature, noise, self.done_mode, self.done_threshold
         )
-        return self._observation(), float(reward[0]), bool(terminated[0]), False, {}
+        return self.core.observe(self._state, self.obs_mode)[0], float(reward[0]), bool(terminated[0]), False, {}
 
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array" or self._state is None:
