@@ -78,6 +78,7 @@ class DreamCore:
         self.wm = world_model
         self.z_dim = world_model.z_dim
         self.hidden_size = world_model.hidden_size
+        self._heads = world_model.mdnrnn.fused_heads()
 
     def initial_state(self, index: np.ndarray) -> DreamState:
         """z_0 = entries `index` of the bank of encoded first frames, h_0 = c_0 = 0."""
@@ -100,7 +101,7 @@ class DreamCore:
     ) -> tuple[DreamState, np.ndarray, np.ndarray]:
         """h' = M(z, a, h); z' ~ MDN(h') at temperature; reward and termination from M's heads."""
         h, c = self.wm.mdnrnn.step(state.z, actions, state.h, state.c)
-        out = self.wm.mdnrnn.heads(h)
+        out = self._heads(h)
         z = sample_mdn(out, temperature, noise.uniform, noise.normal)
         done_prob = torch.sigmoid(out.done_logit).numpy()
         terminated = noise.done < done_prob if done_mode == "sample" else done_prob > done_threshold

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -64,6 +64,22 @@ class MDNRNN(nn.Module):
             done_logit=self.done_head(h).squeeze(-1),
         )
 
+    def fused_heads(self) -> Callable[[torch.Tensor], MDNOutput]:
+        """heads() for inference with frozen weights: one matmul for all three heads, mixture logits unnormalised.
+
+        Sampling needs softmax(logpi / tau), which the log-softmax normalisation does not change.
+        """
+        weight = torch.cat([self.mdn.weight, self.reward_head.weight, self.done_head.weight]).detach().t().contiguous()
+        bias = torch.cat([self.mdn.bias, self.reward_head.bias, self.done_head.bias]).detach()
+        z_dim, k = self.z_dim, self.num_gaussians
+
+        def heads(h: torch.Tensor) -> MDNOutput:
+            out = torch.addmm(bias, h, weight)
+            logpi, mu, logsigma = out[:, :-2].view(-1, z_dim, 3 * k).split(k, dim=-1)
+            return MDNOutput(logpi, mu, logsigma.clamp(-8.0, 4.0), out[:, -2], out[:, -1])
+
+        return heads
+
     def forward(
         self, z: torch.Tensor, a: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[MDNOutput, tuple[torch.Tensor, torch.Tensor]]:
@@ -96,15 +112,19 @@ def sample_mdn(out: MDNOutput, temperature: float | torch.Tensor, uniform: torch
     """Draw z_{t+1} at temperature tau from given noise: softmax(logpi / tau) picks a component, sigma * sqrt(tau) scales it.
 
     uniform and normal are (..., z_dim) draws supplied by the caller, so every random number comes
-    from the env's own seeded generator. temperature is a float or a (...,) tensor (one per env).
+    from the env's own seeded generator. temperature is a float or a (N,) tensor (one per env).
+    The component is found by inverse CDF on unnormalised weights (no softmax call: on a loaded machine
+    torch's softmax kernel can stall for milliseconds on tiny inputs).
     """
-    tau = torch.as_tensor(temperature, dtype=out.mu.dtype)
-    if tau.ndim > 0:
-        tau = tau.view(*tau.shape, *([1] * (out.mu.ndim - tau.ndim)))
-    weights = torch.softmax(out.logpi / tau.clamp(min=1e-4), dim=-1)
+    if isinstance(temperature, torch.Tensor) and temperature.ndim > 0:
+        tau = temperature.view(-1, *([1] * (out.mu.ndim - 1)))
+        inv_tau, scale = 1.0 / tau.clamp(min=1e-4), tau.squeeze(-1).sqrt()
+    else:
+        tau = float(temperature)
+        inv_tau, scale = 1.0 / max(tau, 1e-4), math.sqrt(tau)
+    weights = ((out.logpi - out.logpi.amax(-1, keepdim=True)) * inv_tau).exp()
     cdf = weights.cumsum(-1)
-    index = (uniform.unsqueeze(-1) > cdf).sum(-1, keepdim=True).clamp(max=out.mu.shape[-1] - 1)
+    index = (uniform.unsqueeze(-1) * cdf[..., -1:] > cdf).sum(-1, keepdim=True).clamp(max=out.mu.shape[-1] - 1)
     mu = out.mu.gather(-1, index).squeeze(-1)
     sigma = out.logsigma.gather(-1, index).squeeze(-1).exp()
-    scale = tau.squeeze(-1).sqrt() if tau.ndim > 0 else tau.sqrt()
     return mu + sigma * scale * normal
