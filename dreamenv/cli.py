@@ -1,4 +1,4 @@
-"""The `dreamenv` command: collect | train | info | controller | evaluate | dream."""
+"""The `dreamenv` command: collect | train | info | controller | evaluate | dream | pipeline."""
 from __future__ import annotations
 
 import argparse
@@ -133,6 +133,34 @@ def cmd_dream(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(frames)} frames, dream return {total:.1f}")
 
 
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from dreamenv.agents.controller import CMAESConfig, train_controller
+    from dreamenv.data.collect import collect
+    from dreamenv.evaluate import evaluate, format_table
+    from dreamenv.train import TrainConfig, train_world_model
+
+    recipe = load_recipe(args.config)
+    run = recipe.get("run", {})
+    if "env_id" not in run or "dir" not in run:
+        raise ValueError(f"{args.config}: the recipe needs a [run] table with env_id and dir")
+    root = Path(run["dir"])
+    rollouts, bundle, controller = root / "rollouts.h5", root / "bundle", root / "controller"
+    print(f"[1/4] collect -> {rollouts}")
+    collect(run["env_id"], rollouts, **recipe.get("collect", {}))
+    print(f"[2/4] train V + M -> {bundle}")
+    if (bundle / "manifest.json").is_file():
+        print("      bundle exists: skipped (delete it to retrain)")
+    else:
+        train_world_model(rollouts, bundle, TrainConfig.from_dict(recipe.get("train", {})))
+    print(f"[3/4] controller (CMA-ES in the dream) -> {controller}")
+    train_controller(bundle, controller, CMAESConfig(**recipe.get("controller", {})))
+    print("[4/4] evaluate: virtual vs actual")
+    result = evaluate(bundle, controller, **recipe.get("evaluate", {}))
+    print(format_table(result))
+    (root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {root / 'results.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamenv", description="Learned world models as Gymnasium envs: collect rollouts, "
                                      "train V + M, train a controller in the dream, score it in reality.")
@@ -207,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the 64x64 frames (default 4)")
     p.add_argument("--seed", type=int, default=0, help="dream seed")
     p.set_defaults(func=cmd_dream)
+
+    p = sub.add_parser("pipeline", help="collect -> train -> controller -> evaluate from one recipe; resumes where it stopped")
+    p.add_argument("config", help="TOML recipe, e.g. configs/vizdoom_takecover_quick.toml")
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

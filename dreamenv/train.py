@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
-from dreamenv.data.dataset import open_rollouts
+from dreamenv.data.dataset import EpisodeData, iterate_frame_batches, open_rollouts, sequence_batches
 from dreamenv.data.sources import make_source_env
 from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll
 from dreamenv.models.vae import ConvVAE, VAEConfig, frames_to_tensor, vae_loss
@@ -44,13 +44,6 @@ class TrainConfig:
         return cls(vae=vae, mdnrnn=mdnrnn, **data)
 
 
-def _batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Shuffled index batches of one epoch, reproducible from the seed, starting at batch number `start`."""
-    order = np.random.default_rng(seed).permutation(n)
-    for b in range(start, math.ceil(n / batch_size)):
-        yield b, order[b * batch_size : (b + 1) * batch_size]
-
-
 def train_vae(
     frames: np.ndarray, config: VAEConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True
 ) -> ConvVAE:
@@ -65,8 +58,8 @@ def train_vae(
     last_save = time.monotonic()
     vae.train()
     for epoch in range(state["epoch"], config.epochs):
-        for b, index in _batches(len(frames), config.batch_size, seed + epoch, state["batch"] if epoch == state["epoch"] else 0):
-            x = frames_to_tensor(frames[np.sort(index)])
+        first = state["batch"] if epoch == state["epoch"] else 0
+        for b, x in iterate_frame_batches(frames, config.batch_size, seed + epoch, first):
             recon, mu, logvar = vae(x)
             loss, rec, kl = vae_loss(recon, x, mu, logvar, config.kl_tolerance)
             optimizer.zero_grad(set_to_none=True)
@@ -106,54 +99,6 @@ def vae_heldout_loss(vae: ConvVAE, frames: np.ndarray, kl_tolerance: float, batc
         kl_sum += kl.item() * len(x)
     n = max(len(frames), 1)
     return {"reconstruction": rec_sum / n, "kl": kl_sum / n, "frames": len(frames)}
-
-
-@dataclass
-class EpisodeData:
-    """One episode as M trains on it: V's latents, encoded actions, rewards, termination flags."""
-
-    mu: np.ndarray
-    logvar: np.ndarray
-    actions: np.ndarray
-    rewards: np.ndarray
-    terminated: np.ndarray
-
-
-def _sequence_batches(
-    episodes: list[EpisodeData], config: MDNRNNConfig, rng: np.random.Generator
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of episode pieces (at most seq_len steps), grouped by length to limit padding, with masks."""
-    pieces = [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e.mu), config.seq_len)]
-    pieces.sort(key=lambda p: min(len(episodes[p[0]].mu) - p[1], config.seq_len))
-    groups = [pieces[k : k + config.batch_size] for k in range(0, len(pieces), config.batch_size)]
-    for g in rng.permutation(len(groups)):
-        group = groups[g]
-        lengths = [min(len(episodes[i].mu) - s, config.seq_len) for i, s in group]
-        T, B = max(lengths), len(group)
-        z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
-        mu = np.zeros((B, T + 1, z_dim), np.float32)
-        logvar = np.full((B, T + 1, z_dim), -20.0, np.float32)
-        actions = np.zeros((B, T, a_dim), np.float32)
-        rewards = np.zeros((B, T), np.float32)
-        dones = np.zeros((B, T), np.float32)
-        step_mask = np.zeros((B, T), np.float32)
-        next_mask = np.zeros((B, T), np.float32)
-        for row, ((i, s), length) in enumerate(zip(group, lengths)):
-            e = episodes[i]
-            stop = s + length
-            extra = min(stop + 1, len(e.mu)) - s  # include z_{t+1} of the piece's last step when it exists
-            mu[row, :extra] = e.mu[s : s + extra]
-            logvar[row, :extra] = e.logvar[s : s + extra]
-            actions[row, :length] = e.actions[s:stop]
-            rewards[row, :length] = e.rewards[s:stop]
-            dones[row, :length] = e.terminated[s:stop]
-            step_mask[row, :length] = 1.0
-            next_mask[row, : extra - 1] = 1.0
-        yield {
-            "mu": torch.from_numpy(mu), "logvar": torch.from_numpy(logvar), "actions": torch.from_numpy(actions),
-            "rewards": torch.from_numpy(rewards), "dones": torch.from_numpy(dones),
-            "step_mask": torch.from_numpy(step_mask), "next_mask": torch.from_numpy(next_mask),
-        }
 
 
 def _mdnrnn_losses(
@@ -198,7 +143,7 @@ def train_mdnrnn(
     for epoch in range(state["epoch"], config.epochs):
         rng = np.random.default_rng(seed + epoch)
         totals: dict[str, float] = {}
-        for count, batch in enumerate(_sequence_batches(episodes, config, rng), start=1):
+        for count, batch in enumerate(sequence_batches(episodes, config.seq_len, config.batch_size, rng), start=1):
             losses = _mdnrnn_losses(model, batch, config, pos_weight, sample=True)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -223,7 +168,7 @@ def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: M
         return {}
     nll_sum = nll_n = rew_sq = rew_abs = steps = 0.0
     tp = fp = fn = exp_tp = exp_fp = positives = 0.0
-    for batch in _sequence_batches(episodes, dataclasses.replace(config, batch_size=64), np.random.default_rng(0)):
+    for batch in sequence_batches(episodes, config.seq_len, 64, np.random.default_rng(0)):
         out, _ = model(batch["mu"][:, :-1], batch["actions"])
         step_mask, next_mask = batch["step_mask"], batch["next_mask"]
         nll_sum += (mdn_nll(out, batch["mu"][:, 1:]) * next_mask).sum().item()

@@ -10,7 +10,7 @@ import torch
 
 from dreamenv.data.collect import collect, shard_dir_for
 from dreamenv.data.dataset import (
-    FrameDataset,
+    EpisodeData,
     iterate_frame_batches,
     open_rollouts,
     sequence_batches,
@@ -96,34 +96,40 @@ def test_split_episodes(store: Path) -> None:
 def test_frame_batches(store: Path) -> None:
     with open_rollouts(store) as r:
         frames = r.load_frames()
-    item = FrameDataset(frames)[3]
-    assert item.shape == (3, 64, 64) and item.dtype == torch.float32
-    torch.testing.assert_close(item, torch.from_numpy(frames[3]).permute(2, 0, 1).float() / 255)
-    batches = list(iterate_frame_batches(frames, 32, np.random.default_rng(0)))
+    numbered = list(iterate_frame_batches(frames, 32, seed=0))
+    batches = [b for _, b in numbered]
+    assert [n for n, _ in numbered] == list(range(len(batches)))
     assert all(b.shape[1:] == (3, 64, 64) and b.dtype == torch.float32 for b in batches)
     assert sum(len(b) for b in batches) == len(frames) and max(float(b.max()) for b in batches) <= 1.0
     assert torch.cat(batches).sum().item() == pytest.approx(frames.astype(np.float64).sum() / 255, rel=1e-4)
-    assert all(len(b) == 32 for b in iterate_frame_batches(frames, 32, np.random.default_rng(0), drop_last=True))
+    resumed = list(iterate_frame_batches(frames, 32, seed=0, start=2))  # a resumed epoch skips what it did
+    assert [n for n, _ in resumed] == list(range(2, len(batches)))
+    torch.testing.assert_close(resumed[0][1], batches[2])
 
 
 def test_sequence_batches_masks() -> None:
     lengths = [3, 7, 5]
-    latents = [np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 100 * e for e, n in enumerate(lengths)]
-    actions = [np.full(n, e, dtype=np.int64) for e, n in enumerate(lengths)]
-    rewards = [np.ones(n, np.float32) for n in lengths]
-    dones = [np.eye(1, n, n - 1, dtype=np.float32)[0] for n in lengths]
-    batches = list(sequence_batches(latents, actions, rewards, dones, 4, 2, np.random.default_rng(0)))
-    assert len(batches) == 3  # windows: 1 + 2 + 2 = 5, batches of 2
-    mask = torch.cat([b["mask"] for b in batches])
-    next_mask = torch.cat([b["next_mask"] for b in batches])
-    assert mask.shape == (5, 4) and int(mask.sum()) == sum(lengths)
-    assert int(next_mask.sum()) == sum(lengths) - len(lengths) and not (next_mask & ~mask).any()
+    episodes = [
+        EpisodeData(
+            mu=np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 100 * e,
+            logvar=np.zeros((n, 2), np.float32),
+            actions=np.full((n, 1), e, dtype=np.float32),
+            rewards=np.ones(n, np.float32),
+            terminated=np.eye(1, n, n - 1, dtype=np.float32)[0],
+        )
+        for e, n in enumerate(lengths)
+    ]
+    batches = list(sequence_batches(episodes, 4, 2, np.random.default_rng(0)))
+    assert len(batches) == 3  # pieces: 1 + 2 + 2 = 5, batches of 2
+    steps = sum(int(b["step_mask"].sum()) for b in batches)
+    nexts = sum(int(b["next_mask"].sum()) for b in batches)
+    assert steps == sum(lengths) and nexts == sum(lengths) - len(lengths)
     for b in batches:
-        assert b["actions"].dtype == torch.int64 and b["latents"].dtype == torch.float32
-        assert float(b["dones"].sum()) == float((b["dones"] * b["mask"]).sum())
-        assert float(b["rewards"].sum()) == float(b["mask"].sum())
-        real = b["next_mask"]
+        assert not (b["next_mask"].bool() & ~b["step_mask"].bool()).any()
+        assert float(b["rewards"].sum()) == float(b["step_mask"].sum())
+        real = b["next_mask"].bool()
         # z_{t+1} follows z_t in the arange latents: next - current = one step (2 per row)
-        torch.testing.assert_close((b["next_latents"] - b["latents"])[real], torch.full_like(b["latents"][real], 2.0))
-        assert float(b["latents"][~b["mask"]].abs().sum()) == 0
-    assert float(torch.cat([b["dones"] for b in batches]).sum()) == len(lengths)
+        torch.testing.assert_close((b["mu"][:, 1:] - b["mu"][:, :-1])[real], torch.full_like(b["mu"][:, 1:][real], 2.0))
+        assert float(b["mu"][:, :-1][~b["step_mask"].bool()].abs().sum()) == 0
+        assert b["mu"].shape[1] == b["step_mask"].shape[1] + 1
+    assert sum(float(b["dones"].sum()) for b in batches) == len(lengths)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,88 +168,68 @@ def split_episode_ids(num_episodes: int, holdout_fraction: float = 0.1, seed: in
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-class FrameDataset(torch.utils.data.Dataset):
-    """In-memory uint8 frames (N, H, W, 3) served as float CHW tensors in [0, 1]."""
-
-    def __init__(self, frames: np.ndarray) -> None:
-        self.frames = frames
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.frames[index].transpose(2, 0, 1))).float().div_(255.0)
-
-
 def iterate_frame_batches(
-    frames: np.ndarray, batch_size: int, rng: np.random.Generator, drop_last: bool = False
-) -> Iterator[torch.Tensor]:
-    """One shuffled pass over uint8 NHWC frames as float32 NCHW batches in [0, 1] (fast path for V)."""
-    order = rng.permutation(len(frames))
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for begin in range(0, stop, batch_size):
-        batch = frames[np.sort(order[begin:begin + batch_size])]
-        yield torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float().div_(255.0)
+    frames: np.ndarray, batch_size: int, seed: int, start: int = 0
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """One shuffled pass over uint8 NHWC frames as (batch number, float32 NCHW batch in [0, 1]).
+
+    The order is a function of `seed` alone, so a resumed epoch can skip its first `start` batches.
+    """
+    order = np.random.default_rng(seed).permutation(len(frames))
+    for number in range(start, -(-len(order) // batch_size)):
+        batch = frames[np.sort(order[number * batch_size : (number + 1) * batch_size])]
+        yield number, torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float().div_(255.0)
+
+
+@dataclass
+class EpisodeData:
+    """One episode as M trains on it: V's latents (mean, log-variance), encoded actions, rewards, terminations."""
+
+    mu: np.ndarray
+    logvar: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
 
 
 def sequence_batches(
-    latents: list[np.ndarray],
-    actions: list[np.ndarray],
-    rewards: list[np.ndarray],
-    dones: list[np.ndarray],
-    seq_len: int,
-    batch_size: int,
-    rng: np.random.Generator,
+    episodes: list[EpisodeData], seq_len: int, batch_size: int, rng: np.random.Generator
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One shuffled pass over per-episode sequences cut into windows of seq_len, zero-padded, for training M.
+    """One shuffled pass over episode pieces of at most seq_len steps, grouped by length to limit padding.
 
-    Yields dict: latents (B,L,Z), next_latents (B,L,Z) (z_{t+1}), actions (B,L,...) (int64 if integer
-    else float32), rewards (B,L) float32, dones (B,L) float32, mask (B,L) bool (real steps) and
-    next_mask (B,L) bool (real steps whose z_{t+1} is stored, i.e. not an episode's last step).
+    Yields mu and logvar (B, T + 1, z) holding z_t and z_{t+1}, actions (B, T, a), rewards and dones
+    (B, T), step_mask (real steps) and next_mask (steps whose z_{t+1} is stored: not an episode's last).
     """
-    windows = [
-        (e, begin)
-        for e, z in enumerate(latents)
-        for begin in range(0, len(z), seq_len)
-    ]
-    order = rng.permutation(len(windows))
-    for begin in range(0, len(order), batch_size):
-        chosen = [windows[i] for i in order[begin:begin + batch_size]]
-        yield _pad_windows(chosen, latents, actions, rewards, dones, seq_len)
+    pieces = [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e.mu), seq_len)]
+    pieces.sort(key=lambda p: min(len(episodes[p[0]].mu) - p[1], seq_len))
+    groups = [pieces[k : k + batch_size] for k in range(0, len(pieces), batch_size)]
+    for g in rng.permutation(len(groups)):
+        yield _pad_pieces(episodes, groups[g], seq_len)
 
 
-def _pad_windows(
-    chosen: list[tuple[int, int]],
-    latents: list[np.ndarray],
-    actions: list[np.ndarray],
-    rewards: list[np.ndarray],
-    dones: list[np.ndarray],
-    seq_len: int,
-) -> dict[str, torch.Tensor]:
-    """Stack the chosen (episode, start) windows into zero-padded arrays with masks."""
-    b = len(chosen)
-    z0, a0 = np.asarray(latents[0]), np.asarray(actions[0])
-    action_dtype = np.int64 if np.issubdtype(a0.dtype, np.integer) else np.float32
+def _pad_pieces(episodes: list[EpisodeData], group: list[tuple[int, int]], seq_len: int) -> dict[str, torch.Tensor]:
+    """Stack (episode, start) pieces into zero-padded arrays with masks."""
+    lengths = [min(len(episodes[i].mu) - s, seq_len) for i, s in group]
+    steps, rows = max(lengths), len(group)
+    z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
     out = {
-        "latents": np.zeros((b, seq_len, *z0.shape[1:]), np.float32),
-        "next_latents": np.zeros((b, seq_len, *z0.shape[1:]), np.float32),
-        "actions": np.zeros((b, seq_len, *a0.shape[1:]), action_dtype),
-        "rewards": np.zeros((b, seq_len), np.float32),
-        "dones": np.zeros((b, seq_len), np.float32),
-        "mask": np.zeros((b, seq_len), bool),
-        "next_mask": np.zeros((b, seq_len), bool),
+        "mu": np.zeros((rows, steps + 1, z_dim), np.float32),
+        "logvar": np.full((rows, steps + 1, z_dim), -20.0, np.float32),  # padding: no sampling noise
+        "actions": np.zeros((rows, steps, a_dim), np.float32),
+        "rewards": np.zeros((rows, steps), np.float32),
+        "dones": np.zeros((rows, steps), np.float32),
+        "step_mask": np.zeros((rows, steps), np.float32),
+        "next_mask": np.zeros((rows, steps), np.float32),
     }
-    for row, (e, start) in enumerate(chosen):
-        length = len(latents[e])
-        end = min(start + seq_len, length)
-        n = end - start
-        out["latents"][row, :n] = latents[e][start:end]
-        out["actions"][row, :n] = actions[e][start:end]
-        out["rewards"][row, :n] = rewards[e][start:end]
-        out["dones"][row, :n] = dones[e][start:end]
-        out["mask"][row, :n] = True
-        n_next = min(end, length - 1) - start
-        if n_next > 0:
-            out["next_latents"][row, :n_next] = latents[e][start + 1:start + 1 + n_next]
-            out["next_mask"][row, :n_next] = True
+    for row, ((i, s), length) in enumerate(zip(group, lengths)):
+        e = episodes[i]
+        stop = s + length
+        extra = min(stop + 1, len(e.mu)) - s  # z_{t+1} of the piece's last step, when the episode has it
+        out["mu"][row, :extra] = e.mu[s : s + extra]
+        out["logvar"][row, :extra] = e.logvar[s : s + extra]
+        out["actions"][row, :length] = e.actions[s:stop]
+        out["rewards"][row, :length] = e.rewards[s:stop]
+        out["dones"][row, :length] = e.terminated[s:stop]
+        out["step_mask"][row, :length] = 1.0
+        out["next_mask"][row, : extra - 1] = 1.0
     return {name: torch.from_numpy(value) for name, value in out.items()}

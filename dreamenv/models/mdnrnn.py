@@ -124,7 +124,7 @@ def sample_mdn(out: MDNOutput, temperature: float | torch.Tensor, uniform: torch
         inv_tau, scale = 1.0 / max(tau, 1e-4), math.sqrt(tau)
     weights = ((out.logpi - out.logpi.amax(-1, keepdim=True)) * inv_tau).exp()
     cdf = weights.cumsum(-1)
-    index = (uniform.unsqueeze(-1) * cdf[..., -1:] > cdf).sum(-1, keepdim=True).clamp(max=out.mu.shape[-1] - 1)
+    index = (uniform.unsqueeze(-1) * cdf[..., -1:] >= cdf).sum(-1, keepdim=True).clamp(max=out.mu.shape[-1] - 1)
     mu = out.mu.gather(-1, index).squeeze(-1)
     sigma = out.logsigma.gather(-1, index).squeeze(-1).exp()
     return mu + sigma * scale * normal
