@@ -6,6 +6,7 @@ actions), a tiny world-model bundle trained on each, and a tiny CMA-ES controlle
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,16 @@ from tests.tiny_envs import MODULE, PIXELS_BOX_ID, PIXELS_ID
 torch.set_num_threads(1)
 
 TINY_ENVS = {"discrete": PIXELS_ID, "box": PIXELS_BOX_ID}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_ray():
+    """Shut down a Ray session a test left running (run_tasks(backend="ray") starts one), so the next test's
+    ray.init() does not fail with "called ray.init twice"."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def tiny_train_config():

@@ -131,7 +131,7 @@ class DreamVectorEnv(VectorEnv):
         )
         self._state = state
         self._elapsed[active] += 1
-        truncated = (self._elapsed >= self.max_episode_steps) & ~terminated
+        truncated = self._elapsed >= self.max_episode_steps  # as TimeLimit: set even when terminated too
         infos: dict[str, Any] = {}
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             starting = np.flatnonzero(self._needs_reset)

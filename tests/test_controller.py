@@ -1,0 +1,227 @@
+"""The linear controller (storage, predict, bundle checks), CMA-ES in the dream (resume), dream_returns, evaluate."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dreamenv.agents.controller as controller_module
+from dreamenv.agents.controller import (
+    ControllerMismatchError,
+    LinearController,
+    dream_returns,
+    load_controller,
+    train_controller,
+)
+from dreamenv.evaluate import evaluate, format_table
+from dreamenv.worldmodel import WorldModel
+from tests.conftest import Tiny, tiny_cmaes_config
+
+
+def _space(tiny: Tiny) -> gym.Space:
+    return gym.make(tiny.env_id).action_space
+
+
+def test_save_load_round_trip(tiny: Tiny, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    space = _space(tiny)
+    out = 3 if tiny.kind == "discrete" else 2
+    ctrl = LinearController(rng.normal(size=(out, 20)), rng.normal(size=out), space, {"note": "hi", "x": [1, 2]})
+    ctrl.save(tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["controller.json", "controller.safetensors"]
+    back = LinearController.load(tmp_path / "c")
+    np.testing.assert_array_equal(back.weight, ctrl.weight)
+    np.testing.assert_array_equal(back.bias, ctrl.bias)
+    assert back.action_space == space and back.info == ctrl.info and back.obs_dim == 20
+    obs = rng.normal(size=(16, 20)).astype(np.float32)
+    np.testing.assert_array_equal(back.act(obs), ctrl.act(obs))
+
+
+def test_trained_controller_files_never_pickle(tiny: Tiny) -> None:
+    names = sorted(p.name for p in tiny.controller.iterdir())
+    assert names == ["cmaes.json", "controller.json", "controller.safetensors"]
+    meta = json.loads((tiny.controller / "controller.json").read_text())
+    assert meta["info"]["env_id"] == tiny.env_id and meta["info"]["trained_in"] == "dream"
+    assert len(meta["info"]["history"]) == tiny_cmaes_config().generations
+
+
+def test_load_errors(tmp_path: Path, tiny_discrete: Tiny) -> None:
+    with pytest.raises(FileNotFoundError, match="neither a controller directory nor a shipped controller"):
+        load_controller(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="controller.json"):
+        load_controller(tmp_path)  # exists, but holds no controller
+    shutil.copytree(tiny_discrete.controller, tmp_path / "newer")
+    meta = json.loads((tmp_path / "newer" / "controller.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "newer" / "controller.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="v99"):
+        load_controller(tmp_path / "newer")
+
+
+def test_predict_in_action_space(tiny: Tiny) -> None:
+    ctrl = load_controller(tiny.controller, tiny.bundle)
+    space = _space(tiny)
+    rng = np.random.default_rng(1)
+    obs = rng.normal(size=20).astype(np.float32) * 3
+    action, state = ctrl.predict(obs)
+    assert state is None and action in space
+    batch = rng.normal(size=(50, 20)).astype(np.float32) * 3
+    actions, _ = ctrl.predict(batch, deterministic=True)
+    assert actions.shape == (50, *space.shape)
+    assert all(a in space for a in actions)
+    np.testing.assert_array_equal(actions[7], ctrl.predict(batch[7])[0])
+    raw = batch @ ctrl.weight.T + ctrl.bias
+    if tiny.kind == "discrete":
+        np.testing.assert_array_equal(actions, raw.argmax(1))
+    else:  # tanh squashed into [low, high]: the sign and order of each output are kept
+        np.testing.assert_array_equal(np.sign(actions), np.sign(raw))
+        for k in range(2):
+            assert np.all(np.diff(actions[np.argsort(raw[:, k]), k]) >= 0)  # monotone in each output
+    with pytest.raises(ValueError, match="features"):
+        ctrl.act(np.zeros(21, np.float32))
+
+
+def test_box_outputs_reach_the_bounds() -> None:
+    space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+    ctrl = LinearController(np.zeros((2, 3)), np.array([50.0, -50.0]), space)
+    np.testing.assert_allclose(ctrl.act(np.zeros(3)), [2.0, 0.0])
+    ctrl.bias[:] = 0
+    np.testing.assert_allclose(ctrl.act(np.zeros(3)), [0.0, 0.5])
+
+
+def test_controller_of_another_world_model_is_refused(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path) -> None:
+    load_controller(tiny_discrete.controller, tiny_discrete.bundle)  # its own bundle: fine
+    with pytest.raises(ControllerMismatchError, match=f"trained for {tiny_discrete.env_id}.*{tiny_box.env_id}"):
+        load_controller(tiny_discrete.controller, tiny_box.bundle)
+    # Same env and shapes, other weights: the bundle fingerprint tells them apart.
+    wm = WorldModel.load(tiny_discrete.bundle)
+    with torch.no_grad():
+        wm.mdnrnn.reward_head.bias.add_(1.0)
+    wm.save(tmp_path / "retrained")
+    with pytest.raises(ControllerMismatchError, match="another world model"):
+        load_controller(tiny_discrete.controller, tmp_path / "retrained")
+    with pytest.raises(ControllerMismatchError):
+        evaluate(tmp_path / "retrained", tiny_discrete.controller, episodes=1, real=False)
+
+
+# --- CMA-ES ---------------------------------------------------------------------------------------------------
+
+def test_cmaes_resumes(tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = Path(shutil.copytree(tiny.controller, tmp_path / "ctrl"))
+    before = json.loads((out / "cmaes.json").read_text())
+    assert before["generation"] == 2 and len(before["history"]) == 2
+    calls: list[int] = []
+
+    def counting(wm, policy, n, *args, **kwargs):
+        calls.append(n)
+        return dream_returns(wm, policy, n, *args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "dream_returns", counting)
+    config = tiny_cmaes_config(generations=3)
+    ctrl = train_controller(tiny.bundle, out, config, progress=False)
+    assert calls == [config.population * config.rollouts]  # one generation run, not three
+    after = json.loads((out / "cmaes.json").read_text())
+    assert after["generation"] == 3 and len(after["history"]) == 3
+    assert after["history"][:2] == before["history"] and after["history"][2]["generation"] == 3
+    assert after["mean"] != before["mean"]
+    assert len(ctrl.info["history"]) == 3
+    np.testing.assert_allclose(np.concatenate([ctrl.weight.ravel(), ctrl.bias]), after["mean"], rtol=1e-6)
+    # Asking for no more generations than done runs nothing and keeps the result.
+    calls.clear()
+    again = train_controller(tiny.bundle, out, config, progress=False)
+    assert calls == [] and np.array_equal(again.weight, ctrl.weight)
+
+
+def test_cmaes_state_of_another_shape_is_refused(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(tiny_discrete.controller, tmp_path / "ctrl"))
+    with pytest.raises(ValueError, match="another controller shape"):
+        train_controller(tiny_box.bundle, out, tiny_cmaes_config(3), progress=False)
+
+
+def _fixed_done(tiny: Tiny, probability: float) -> WorldModel:
+    wm = WorldModel.load(tiny.bundle)
+    with torch.no_grad():
+        wm.mdnrnn.done_head.weight.zero_()
+        wm.mdnrnn.done_head.bias.fill_(math.log(probability / (1 - probability)))
+    return wm
+
+
+def _constant_policy(space: gym.Space):
+    action = np.asarray(space.sample())
+    seen: list[np.ndarray] = []
+
+    def policy(obs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        assert obs.shape == (len(rows), 20)
+        seen.append(rows.copy())
+        return np.repeat(action[None], len(rows), axis=0)
+
+    return policy, seen
+
+
+def test_dream_returns_lengths(tiny: Tiny) -> None:
+    space = _space(tiny)
+    # Always terminating in threshold mode: every dream lasts one step.
+    policy, seen = _constant_policy(space)
+    returns, lengths = dream_returns(_fixed_done(tiny, 0.999), policy, 8, 1.0, np.random.default_rng(0), 30, "threshold")
+    assert lengths.tolist() == [1] * 8 and len(seen) == 1 and np.all(np.isfinite(returns))
+    # Never terminating: every dream runs to max_steps, with every row in every call.
+    policy, seen = _constant_policy(space)
+    returns, lengths = dream_returns(_fixed_done(tiny, 0.001), policy, 8, 1.0, np.random.default_rng(0), 30, "threshold")
+    assert lengths.tolist() == [30] * 8 and len(seen) == 30 and all(len(r) == 8 for r in seen)
+    # Sampled with p = 0.3: lengths are geometric (mean 1 / 0.3, capped at 50); finished rows drop out.
+    policy, seen = _constant_policy(space)
+    returns, lengths = dream_returns(_fixed_done(tiny, 0.3), policy, 2000, 1.0, np.random.default_rng(0), 50, "sample")
+    expected = (1 - 0.7**50) / 0.3
+    assert abs(lengths.mean() - expected) < 0.3  # standard error about 0.06
+    assert lengths.min() >= 1 and lengths.max() <= 50
+    assert all(len(b) <= len(a) and set(b) <= set(a) for a, b in zip(seen, seen[1:]))
+    assert [len(r) for r in seen] == [int((lengths > t).sum()) for t in range(len(seen))]
+
+
+def test_dream_returns_sum_the_reward_head(tiny_discrete: Tiny) -> None:
+    wm = _fixed_done(tiny_discrete, 0.001)
+    with torch.no_grad():  # a reward head that always says 0.25
+        wm.mdnrnn.reward_head.weight.zero_()
+        wm.mdnrnn.reward_head.bias.fill_(0.25)
+    policy, _ = _constant_policy(_space(tiny_discrete))
+    returns, lengths = dream_returns(wm, policy, 4, 1.0, np.random.default_rng(0), 12, "threshold")
+    np.testing.assert_allclose(returns, 0.25 * 12)
+
+
+# --- evaluate -------------------------------------------------------------------------------------------------
+
+def test_evaluate_virtual_and_actual(tiny_discrete: Tiny) -> None:
+    result = evaluate(tiny_discrete.bundle, tiny_discrete.controller, episodes=3, temperatures=[0.5, 1.0],
+                      backend="serial", progress=False)
+    assert set(result["virtual"]) == {"0.5", "1"}
+    for scores in [*result["virtual"].values(), result["actual"]]:
+        assert {"mean", "std", "min", "max"} <= scores.keys() and scores["episodes"] == 3
+        assert scores["min"] <= scores["mean"] <= scores["max"] and scores["std"] >= 0
+    # The tiny game pays +1 a step and its episode length depends only on the seed (seeds 0, 1, 2).
+    lengths = []
+    for seed in range(3):
+        env = gym.make(tiny_discrete.env_id)
+        env.reset(seed=seed)
+        steps, done = 0, False
+        while not done:
+            _, _, terminated, truncated, _ = env.step(0)
+            steps, done = steps + 1, terminated or truncated
+        lengths.append(steps)
+    assert result["actual"]["mean"] == pytest.approx(np.mean(lengths))
+    assert result["actual"]["std"] == pytest.approx(np.std(lengths))
+    # Seeded: the same call gives the same dream scores.
+    again = evaluate(tiny_discrete.bundle, tiny_discrete.controller, episodes=3, temperatures=[0.5, 1.0], real=False)
+    assert again["virtual"] == result["virtual"] and "actual" not in again
+
+    table = format_table(result)
+    actual = f"{result['actual']['mean']:.1f} +- {result['actual']['std']:.1f}"
+    for tau, v in result["virtual"].items():
+        assert f"| {tau} | {v['mean']:.1f} +- {v['std']:.1f} | {actual} |" in table
+    assert tiny_discrete.env_id in table
+    assert "n/a" in format_table(again)

@@ -1,0 +1,165 @@
+"""DreamVectorEnv: N batched dreams behave exactly like N single DreamEnvs; SB3 adapter; collection and pipeline with a controller."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.vector import AutoresetMode
+
+import dreamenv
+from dreamenv.envs.dream import DreamEnv
+from dreamenv.envs.vector import DreamVectorEnv
+from tests.conftest import Tiny
+from tests.tiny_envs import MODULE
+
+TEMPERATURES = [0.5, 1.0, 1.15, 1.3]
+
+
+def _actions(space: gym.Space, rng: np.random.Generator, n: int) -> np.ndarray:
+    if isinstance(space, gym.spaces.Discrete):
+        return rng.integers(0, space.n, size=n)
+    return rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_vector_equals_single_envs(tiny: Tiny, mode: AutoresetMode) -> None:
+    limit = 12
+    vec = DreamVectorEnv(4, tiny.bundle, temperature=TEMPERATURES, max_episode_steps=limit, autoreset_mode=mode)
+    singles = [gym.wrappers.TimeLimit(DreamEnv(tiny.bundle, temperature=t), limit) for t in TEMPERATURES]
+    obs, _ = vec.reset(seed=7)
+    np.testing.assert_allclose(obs, np.stack([e.reset(seed=7 + i)[0] for i, e in enumerate(singles)]), atol=1e-6)
+    rng = np.random.default_rng(0)
+    ended = np.zeros(4, bool)
+    episode_ends = 0
+    for _ in range(60):
+        actions = _actions(vec.single_action_space, rng, 4)
+        obs, rewards, terminated, truncated, infos = vec.step(actions)
+        for i, env in enumerate(singles):
+            if mode == AutoresetMode.NEXT_STEP and ended[i]:  # this step only reset env i
+                expected, reward, term, trunc = env.reset()[0], 0.0, False, False
+            else:
+                expected, reward, term, trunc, _ = env.step(actions[i])
+                if mode == AutoresetMode.SAME_STEP and (term or trunc):
+                    assert infos["_final_obs"][i]
+                    np.testing.assert_allclose(infos["final_obs"][i], expected, atol=1e-5)
+                    expected = env.reset()[0]
+            ended[i] = term or trunc
+            np.testing.assert_allclose(obs[i], expected, atol=1e-5)
+            assert rewards[i] == pytest.approx(reward, abs=1e-5)
+            assert (terminated[i], truncated[i]) == (term, trunc)
+        episode_ends += int(np.sum(terminated | truncated))
+    assert episode_ends >= 4  # the comparison covered resets, not just one long episode
+
+
+def test_make_vec_uses_the_batched_dream(tiny_discrete: Tiny) -> None:
+    dream_id, _ = dreamenv.register_bundle(tiny_discrete.bundle, "TinyVec")
+    vec = gym.make_vec(dream_id, num_envs=3, temperature=1.2)
+    assert isinstance(vec.unwrapped, DreamVectorEnv)
+    assert vec.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    obs, _ = vec.reset(seed=0)
+    assert obs.shape == (3, *vec.single_observation_space.shape)
+    assert vec.unwrapped.max_episode_steps == gym.spec(dream_id).max_episode_steps
+    np.testing.assert_allclose(vec.unwrapped.temperature.numpy(), 1.2)
+
+
+def test_vector_actions_are_checked(tiny_discrete: Tiny, tiny_box: Tiny) -> None:
+    vec = DreamVectorEnv(2, tiny_discrete.bundle)
+    vec.reset(seed=0)
+    with pytest.raises(ValueError, match="integers"):
+        vec.step(np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="outside"):
+        vec.step(np.array([0, 7]))
+    box = DreamVectorEnv(2, tiny_box.bundle)
+    box.reset(seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        box.step(np.full((2, 2), np.nan, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        box.step(np.zeros((3, 2), np.float32))
+
+
+def test_partial_reset_and_temperature_option(tiny_discrete: Tiny) -> None:
+    vec = DreamVectorEnv(3, tiny_discrete.bundle)
+    first, _ = vec.reset(seed=1)
+    vec.step(np.zeros(3, np.int64))
+    stepped = vec.core.latent_obs(vec._state).copy()
+    obs, _ = vec.reset(options={"reset_mask": np.array([True, False, False]), "temperature": [0.1, 0.2, 0.3]})
+    np.testing.assert_allclose(obs[1:], stepped[1:])
+    assert not np.allclose(obs[0], stepped[0])
+    np.testing.assert_allclose(vec.temperature.numpy(), [0.1, 0.2, 0.3])
+
+
+def test_sb3_vec_env_trains_ppo(tiny_box: Tiny) -> None:
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3 import PPO
+
+    venv = dreamenv.sb3_vec_env(str(tiny_box.bundle), n_envs=8, max_episode_steps=10)
+    obs = venv.reset()
+    assert obs.shape == (8, *venv.observation_space.shape)
+    saw_terminal = False
+    for _ in range(12):
+        obs, rewards, dones, infos = venv.step(np.zeros((8, 2), np.float32))
+        for done, info in zip(dones, infos):
+            if done:
+                saw_terminal = True
+                assert info["terminal_observation"].shape == venv.observation_space.shape
+                assert "TimeLimit.truncated" in info
+    assert saw_terminal
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=1, verbose=0)
+    model.learn(512)
+    real = dreamenv.make_real(tiny_box.bundle)
+    action, _ = model.predict(real.reset(seed=0)[0], deterministic=True)
+    assert real.action_space.contains(np.clip(action, -1, 1).astype(np.float32))
+
+
+def test_collect_with_a_controller(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    from dreamenv.data.collect import collect
+    from dreamenv.data.dataset import open_rollouts
+
+    out = collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "ctrl.h5", 3, policy="controller",
+                  controller=str(tiny_discrete.controller), bundle=str(tiny_discrete.bundle),
+                  backend="serial", progress=False)
+    with open_rollouts(out) as rollouts:
+        assert rollouts.num_episodes == 3
+        actions = rollouts.load_arrays()["actions"]
+    assert set(np.unique(actions)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="--controller DIR --bundle BUNDLE"):
+        collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "x.h5", 1, policy="controller", progress=False)
+
+
+def test_pipeline_runs_and_resumes(tmp_path: Path) -> None:
+    from dreamenv.cli import main
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f"""
+[run]
+env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
+dir = "{tmp_path / 'run'}"
+[collect]
+episodes = 6
+backend = "serial"
+[train.vae]
+z_dim = 4
+epochs = 1
+batch_size = 32
+[train.mdnrnn]
+hidden_size = 16
+epochs = 1
+seq_len = 16
+[controller]
+population = 4
+rollouts = 2
+generations = 1
+max_steps = 20
+[evaluate]
+episodes = 2
+backend = "serial"
+""")
+    assert main(["pipeline", str(recipe)]) == 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["actual"]["episodes"] == 2 and result["virtual"]
+    manifest = (tmp_path / "run" / "bundle" / "manifest.json").stat().st_mtime_ns
+    assert main(["pipeline", str(recipe)]) == 0  # every step is done: nothing is redone
+    assert (tmp_path / "run" / "bundle" / "manifest.json").stat().st_mtime_ns == manifest

@@ -1,0 +1,171 @@
+"""The bundle (save/load, manifest, integrity and version checks) and resumable world-model training."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dreamenv.train
+from dreamenv.models.vae import ConvVAE
+from dreamenv.registry import load_world_model
+from dreamenv.train import train_world_model
+from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
+from tests.conftest import Tiny, tiny_train_config
+
+
+def _outputs(wm: WorldModel) -> list[torch.Tensor]:
+    """Everything a world model computes, on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    frames = (torch.rand(3, 64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+    with torch.no_grad():
+        z = wm.encode_frames(frames)
+        decoded = wm.vae.decode(z)
+        space = copy.deepcopy(wm.action_space)
+        space.seed(0)
+        actions = wm.encode_actions(np.stack([space.sample() for _ in range(3)]))
+        out, (h, c) = wm.mdnrnn(z[:, None], actions[:, None])
+    return [z, decoded, *out, h, c, wm.initial_z]
+
+
+def test_save_load_round_trip(tiny: Tiny, tmp_path: Path) -> None:
+    wm = WorldModel.load(tiny.bundle)
+    again = WorldModel.load(wm.save(tmp_path / "again"))
+    for a, b in zip(_outputs(wm), _outputs(again)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert again.env_id == wm.env_id == tiny.env_id
+    assert again.action_space == wm.action_space == gym.make(tiny.env_id).action_space
+    assert again.frame_spec == wm.frame_spec and again.max_episode_steps == wm.max_episode_steps
+    assert again.fingerprint == wm.fingerprint and len(wm.fingerprint) == 64
+    assert (again.z_dim, again.hidden_size, again.latent_obs_dim) == (4, 16, 20)
+
+
+def test_manifest_contents(tiny: Tiny) -> None:
+    manifest = json.loads((tiny.bundle / "manifest.json").read_text())
+    assert manifest["format"] == "dreamenv-bundle" and manifest["format_version"] >= 1
+    assert {"dreamenv", "torch", "gymnasium"} <= manifest["versions"].keys()
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["versions"]["gymnasium"] == gym.__version__
+    assert manifest["env_id"] == tiny.env_id
+    real = gym.make(tiny.env_id)
+    assert manifest["max_episode_steps"] == (real.spec.max_episode_steps or 1000)
+    from dreamenv.spaces import space_from_json
+
+    assert space_from_json(manifest["action_space"]) == real.action_space
+    dims = manifest["dims"]
+    assert (dims["z_dim"], dims["hidden_size"]) == (4, 16)
+    assert dims["action_dim"] == (3 if tiny.kind == "discrete" else 2)
+    assert manifest["frame_spec"]["size"] == 64
+    # Every file but the manifest is listed with its sha256.
+    files = {p.name for p in tiny.bundle.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((tiny.bundle / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_bundle_never_pickles(tiny: Tiny) -> None:
+    names = {p.name for p in tiny.bundle.rglob("*")}
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".ckpt"))]
+    assert all(n == "manifest.json" or n.endswith(".safetensors") for n in names), names
+
+
+def test_tampered_weight_file_is_named(bundle_copy: Path) -> None:
+    weights = bundle_copy / "mdnrnn.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"mdnrnn\.safetensors.*sha256"):
+        WorldModel.load(bundle_copy)
+
+
+def test_missing_file_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / "vae.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"vae\.safetensors is missing"):
+        WorldModel.load(bundle_copy)
+
+
+def test_other_env_id_names_both(tiny_discrete: Tiny) -> None:
+    with pytest.raises(BundleError) as err:
+        WorldModel.load(tiny_discrete.bundle, env_id="CarRacing-v3")
+    assert tiny_discrete.env_id in str(err.value) and "CarRacing-v3" in str(err.value)
+    assert WorldModel.load(tiny_discrete.bundle, env_id=tiny_discrete.env_id).env_id == tiny_discrete.env_id
+
+
+def test_newer_format_says_upgrade(bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] += 1
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"newer.*pip install -U dreamenv"):
+        WorldModel.load(bundle_copy)
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"format": "something-else"}'])
+def test_not_a_bundle(tmp_path: Path, content: str | None) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(BundleError, match="bundle"):
+        WorldModel.load(tmp_path)
+    with pytest.raises(BundleError):
+        load_world_model(tmp_path)
+
+
+def test_unknown_path_or_name() -> None:
+    with pytest.raises(BundleError, match="neither a bundle directory nor a shipped bundle name"):
+        load_world_model("no/such/bundle-dir")
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+def test_heldout_metrics_in_bundle(tiny: Tiny) -> None:
+    info = read_manifest(tiny.bundle)["info"]
+    m, v = info["heldout"]["mdnrnn"], info["heldout"]["vae"]
+    assert {"done_precision", "done_recall", "done_precision_sampled", "done_recall_sampled"} <= m.keys()
+    assert np.isfinite(m["reward_mse"]) and np.isfinite(m["reward_mae"]) and np.isfinite(m["z_nll"])
+    assert m["reward_mae"] ** 2 <= m["reward_mse"] + 1e-9  # Jensen
+    assert m["episodes"] >= 1 and m["steps"] > 0 and v["frames"] > 0
+    for key in ("done_recall", "done_precision", "done_recall_sampled", "done_precision_sampled"):
+        assert m[key] is None or 0.0 <= m[key] <= 1.0, key
+    assert info["data"]["episodes"] == 12
+    assert info["data"]["train_episodes"] + info["data"]["heldout_episodes"] == 12
+
+
+def test_training_resumes_instead_of_restarting(tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = Path(shutil.copytree(tiny.work, tmp_path / "work"))
+    config = tiny_train_config()
+    vae_state = json.loads((work / "vae" / "state.json").read_text())["progress"]
+    m_state = json.loads((work / "mdnrnn" / "state.json").read_text())["progress"]
+    assert vae_state == {"epoch": config.vae.epochs, "batch": 0}
+    assert m_state == {"epoch": config.mdnrnn.epochs}
+    latents = (work / "latents.safetensors").stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(ConvVAE, "forward", no_training)  # only V's training calls forward()
+    monkeypatch.setattr(dreamenv.train, "encode_frames", no_training)  # the latents are stored
+    monkeypatch.setattr(dreamenv.train, "_mdnrnn_losses", no_training)  # only M's training loss
+    wm = train_world_model(tiny.rollouts, tmp_path / "bundle", config, work_dir=work, progress=False)
+
+    assert (work / "latents.safetensors").stat().st_mtime_ns == latents
+    again, first = read_manifest(tmp_path / "bundle"), read_manifest(tiny.bundle)
+    assert again["files"] == first["files"]  # the same weights as the first run wrote
+    assert WorldModel.load(tmp_path / "bundle").fingerprint == wm.fingerprint
+
+
+def test_training_resumes_mid_run(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """A run stopped after V (M's checkpoint gone) trains only M and gives a loadable bundle."""
+    work = Path(shutil.copytree(tiny_discrete.work, tmp_path / "work"))
+    shutil.rmtree(work / "mdnrnn")
+    vae_files = {p.name: p.stat().st_mtime_ns for p in (work / "vae").iterdir()}
+    train_world_model(tiny_discrete.rollouts, tmp_path / "bundle", tiny_train_config(), work_dir=work, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "vae").iterdir()} == vae_files
+    assert json.loads((work / "mdnrnn" / "state.json").read_text())["progress"] == {"epoch": 2}
+    manifest = read_manifest(tmp_path / "bundle")
+    assert manifest["files"]["vae.safetensors"] == read_manifest(tiny_discrete.bundle)["files"]["vae.safetensors"]
+    WorldModel.load(tmp_path / "bundle")
