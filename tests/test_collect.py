@@ -9,11 +9,9 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from gymnasium.error import DependencyNotInstalled
 
 from dreamenv.data.collect import collect, shard_dir_for
 from dreamenv.data.dataset import open_rollouts
-from dreamenv.parallel import run_tasks
 from tests.tiny_envs import MODULE, PIXELS_BOX_ID, PIXELS_ID, VECTOR_ID
 
 PIXELS = f"{MODULE}:{PIXELS_ID}"
@@ -172,25 +170,3 @@ def test_zstd_compression(tmp_path: Path) -> None:
     pytest.importorskip("hdf5plugin")
     clean = _contents(_collect(tmp_path / "gzip.h5", episodes=2))
     _assert_same(clean, _contents(_collect(tmp_path / "zstd.h5", episodes=2, compression="zstd")))
-
-
-def square(x: int) -> tuple[int, int]:
-    """A picklable task: returns (input, result) so results identify themselves."""
-    return x, x * x
-
-
-def test_run_tasks_backends() -> None:
-    assert sorted(run_tasks(square, range(5), backend="serial")) == [(x, x * x) for x in range(5)]
-    assert list(run_tasks(square, [], backend="process")) == []
-    with pytest.raises(ValueError, match="valid backends"):
-        run_tasks(square, [1], backend="dask")
-
-
-def test_ray_backend_missing_says_how_to_install() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(DependencyNotInstalled, match="pip install ray"):
-            list(run_tasks(square, [1], backend="ray"))
-    else:
-        assert list(run_tasks(square, [3], backend="ray", workers=2)) == [(3, 9)]

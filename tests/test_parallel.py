@@ -15,6 +15,7 @@ def test_serial_and_process_agree() -> None:
     tasks = list(range(7))
     assert list(run_tasks(square, tasks, backend="serial")) == [t * t for t in tasks]
     assert sorted(run_tasks(square, tasks, backend="process", workers=2)) == [t * t for t in tasks]
+    assert list(run_tasks(square, [], backend="process")) == []
 
 
 def test_bad_arguments() -> None:

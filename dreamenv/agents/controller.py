@@ -224,7 +224,8 @@ def train_controller(
     out_dim = output_dim(wm.action_space)
     bar = tqdm(total=config.generations, initial=generation, desc=f"CMA-ES tau={temperature}", unit="gen", disable=not progress)
     while generation < config.generations:
-        candidates = np.asarray(es.ask(), np.float32)
+        asked = np.asarray(es.ask())
+        candidates = asked.astype(np.float32)
         weights = candidates[:, : out_dim * wm.latent_obs_dim].reshape(-1, out_dim, wm.latent_obs_dim)
         biases = candidates[:, out_dim * wm.latent_obs_dim :]
         owner = np.repeat(np.arange(len(candidates)), config.rollouts)
@@ -237,7 +238,7 @@ def train_controller(
         rng = np.random.default_rng([config.seed, generation])
         returns, _ = dream_returns(wm, policy, len(owner), temperature, rng, config.max_steps)
         fitness = returns.reshape(len(candidates), config.rollouts).mean(1)
-        es.tell(list(candidates.astype(np.float64)), list(-fitness))
+        es.tell(list(asked), list(-fitness))  # the float64 solutions it asked for
         generation += 1
         history.append({"generation": generation, "mean": float(fitness.mean()), "best": float(fitness.max())})
         state = {"generation": generation, "mean": es.mean.tolist(), "sigma": float(es.sigma), "history": history}
