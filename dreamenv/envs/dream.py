@@ -37,7 +37,7 @@ class Noise(NamedTuple):
 class NoiseBuffer:
     """Per-env noise drawn in blocks from each env's own generator: N batched dreams draw exactly what N single dreams do."""
 
-    def __init__(self, num_envs: int, z_dim: int, block: int = 64) -> None:
+    def __init__(self, num_envs: int, z_dim: int, block: int = 128) -> None:
         self.block = block
         self.uniform = np.zeros((num_envs, block, z_dim), np.float32)
         self.normal = np.zeros((num_envs, block, z_dim), np.float32)
@@ -78,6 +78,7 @@ class DreamCore:
         self.wm = world_model
         self.z_dim = world_model.z_dim
         self.hidden_size = world_model.hidden_size
+        self._lstm_step = world_model.mdnrnn.fused_step()
         self._heads = world_model.mdnrnn.fused_heads()
 
     def initial_state(self, index: np.ndarray) -> DreamState:
@@ -100,7 +101,7 @@ class DreamCore:
         done_threshold: float = 0.5,
     ) -> tuple[DreamState, np.ndarray, np.ndarray]:
         """h' = M(z, a, h); z' ~ MDN(h') at temperature; reward and termination from M's heads."""
-        h, c = self.wm.mdnrnn.step(state.z, actions, state.h, state.c)
+        h, c = self._lstm_step(state.z, actions, state.h, state.c)
         out = self._heads(h)
         z = sample_mdn(out, temperature, noise.uniform, noise.normal)
         done_prob = torch.sigmoid(out.done_logit).numpy()
