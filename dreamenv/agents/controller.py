@@ -173,9 +173,8 @@ def dream_returns(
     for _ in range(max_steps):
         actions = policy(core.latent_obs(state), rows)
         m = len(rows)
-        noise = Noise(torch.from_numpy(rng.random((m, core.z_dim), dtype=np.float32)),
-                      torch.from_numpy(rng.standard_normal((m, core.z_dim), dtype=np.float32)),
-                      rng.random(m, dtype=np.float32))
+        noise = Noise(rng.random((m, core.z_dim), dtype=np.float32),
+                      rng.standard_normal((m, core.z_dim), dtype=np.float32), rng.random(m, dtype=np.float32))
         state, reward, terminated = core.step(state, world_model.encode_actions(actions), temperature, noise, done_mode)
         returns[rows] += reward
         lengths[rows] += 1

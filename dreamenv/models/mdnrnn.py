@@ -64,32 +64,26 @@ class MDNRNN(nn.Module):
             done_logit=self.done_head(h).squeeze(-1),
         )
 
-    def fused_heads(self) -> Callable[[torch.Tensor], MDNOutput]:
-        """heads() for inference with frozen weights: one matmul for all three heads, mixture logits unnormalised.
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen inference weights: LSTM (z+a+h, 4H) with gates reordered (i, f, o, g), its bias, heads (H, out), bias.
 
-        Sampling needs softmax(logpi / tau), which the log-softmax normalisation does not change.
+        The heads' columns are the mixture (z_dim x 3K: logits, means, log-sigmas per dim), then reward, then done.
         """
-        weight = torch.cat([self.mdn.weight, self.reward_head.weight, self.done_head.weight]).detach().t().contiguous()
-        bias = torch.cat([self.mdn.bias, self.reward_head.bias, self.done_head.bias]).detach()
-        z_dim, k = self.z_dim, self.num_gaussians
-
-        def heads(h: torch.Tensor) -> MDNOutput:
-            out = torch.addmm(bias, h, weight)
-            logpi, mu, logsigma = out[:, :-2].view(-1, z_dim, 3 * k).split(k, dim=-1)
-            return MDNOutput(logpi, mu, logsigma.clamp(-8.0, 4.0), out[:, -2], out[:, -1])
-
-        return heads
+        hidden = self.hidden_size
+        order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden), torch.arange(2 * hidden, 3 * hidden)])
+        lstm_weight = torch.cat([self.lstm.weight_ih_l0, self.lstm.weight_hh_l0], dim=1).detach()[order].t().contiguous()
+        lstm_bias = (self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0).detach()[order].contiguous()
+        head_weight = torch.cat([self.mdn.weight, self.reward_head.weight, self.done_head.weight]).detach().t().contiguous()
+        head_bias = torch.cat([self.mdn.bias, self.reward_head.bias, self.done_head.bias]).detach()
+        return lstm_weight, lstm_bias, head_weight, head_bias
 
     def fused_step(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """step() for inference with frozen weights: one matmul over [z, a, h] and in-place gate math.
 
-        About twice as fast as torch.lstm_cell on a large batch; the gates are reordered to (i, f, o, g)
-        so one sigmoid covers three of them. Returns views into one buffer per step.
+        About twice as fast as torch.lstm_cell on a large batch. Returns views into one buffer per step.
         """
         hidden = self.hidden_size
-        order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden), torch.arange(2 * hidden, 3 * hidden)])
-        weight = torch.cat([self.lstm.weight_ih_l0, self.lstm.weight_hh_l0], dim=1).detach()[order].t().contiguous()
-        bias = (self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0).detach()[order].contiguous()
+        weight, bias, _, _ = self.fused_weights()
 
         def step(z: torch.Tensor, a: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             gates = torch.addmm(bias, torch.cat([z, a, h], dim=1), weight)
@@ -100,6 +94,21 @@ class MDNRNN(nn.Module):
             return o.mul_(torch.tanh(c_next)), c_next
 
         return step
+
+    def fused_heads(self) -> Callable[[torch.Tensor], MDNOutput]:
+        """heads() for inference with frozen weights: one matmul for all three heads, mixture logits unnormalised.
+
+        Sampling needs softmax(logpi / tau), which the log-softmax normalisation does not change.
+        """
+        _, _, weight, bias = self.fused_weights()
+        z_dim, k = self.z_dim, self.num_gaussians
+
+        def heads(h: torch.Tensor) -> MDNOutput:
+            out = torch.addmm(bias, h, weight)
+            logpi, mu, logsigma = out[:, :-2].view(-1, z_dim, 3 * k).split(k, dim=-1)
+            return MDNOutput(logpi, mu, logsigma.clamp(-8.0, 4.0), out[:, -2], out[:, -1])
+
+        return heads
 
     def forward(
         self, z: torch.Tensor, a: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
