@@ -155,7 +155,7 @@ class SingleDream:
         index = np.minimum((noise.uniform[0, :, None] * cdf[:, -1:] >= cdf).sum(1), self.k - 1)
         sigma = np.exp(np.clip(logsigma[self.component, index], -8.0, 4.0))
         z = (mu[self.component, index] + sigma * np.sqrt(temperature) * noise.normal[0]).astype(np.float32)
-        done_prob = 1.0 / (1.0 + np.exp(-out[-1]))
+        done_prob = 0.5 * (1.0 + np.tanh(0.5 * out[-1]))  # sigmoid, without overflow for large logits
         terminated = noise.done[0] < done_prob if done_mode == "sample" else done_prob > done_threshold
         return z, h.astype(np.float32), c.astype(np.float32), float(out[-2]), bool(terminated)
 
