@@ -1,4 +1,4 @@
-"""The `dreamenv` command: collect | train | info | controller | evaluate | dream | pipeline."""
+"""The `dreamenv` command: collect | train | info | controller | evaluate | dream | pipeline | iterate."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             recipe.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
         elif value is not None:
             recipe[key] = value
-    model = train_world_model(args.data, args.out, TrainConfig.from_dict(recipe), work_dir=args.work_dir)
+    model = train_world_model(args.data, args.out, TrainConfig.from_dict(recipe), work_dir=args.work_dir,
+                              vae_from=args.vae_from)
     print(f"bundle: {args.out}")
     print(json.dumps(model.info["heldout"], indent=2))
 
@@ -161,6 +162,38 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"wrote {root / 'results.json'}")
 
 
+def cmd_iterate(args: argparse.Namespace) -> None:
+    from dreamenv.agents.controller import CMAESConfig, train_controller
+    from dreamenv.data.collect import collect
+    from dreamenv.evaluate import evaluate, format_table
+    from dreamenv.train import TrainConfig, train_world_model
+
+    recipe = load_recipe(args.config)
+    run = recipe.get("run", {})
+    root = Path(run.get("dir", ""))
+    if not (root / "bundle" / "manifest.json").is_file() or not (root / "controller" / "controller.json").is_file():
+        raise ValueError(f"{root} has no bundle and controller yet: run `dreamenv pipeline {args.config}` first")
+    settings = recipe.get("iterate", {})
+    stores = [root / "rollouts.h5"]
+    bundle, controller = root / "bundle", root / "controller"
+    for number in range(1, args.rounds + 1):
+        step = root / f"round{number}"
+        print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {controller}")
+        stores.append(collect(run["env_id"], step / "rollouts.h5", episodes=int(settings.get("episodes", 200)),
+                              workers=int(settings.get("workers", 2)), backend=settings.get("backend", "process"), policy="controller",
+                              controller=str(controller), bundle=str(bundle), seed=int(settings.get("seed", 10**6 * number))))
+        if not (step / "bundle" / "manifest.json").is_file():
+            print(f"round {number}: retrain M on {len(stores)} stores, V from {root / 'bundle'}")
+            train_world_model(stores, step / "bundle", TrainConfig.from_dict(recipe.get("train", {})), vae_from=root / "bundle")
+        bundle, controller = step / "bundle", step / "controller"
+        print(f"round {number}: CMA-ES in the new dream")
+        train_controller(bundle, controller, CMAESConfig(**recipe.get("controller", {})))
+        if not (step / "results.json").is_file():
+            result = evaluate(bundle, controller, **recipe.get("evaluate", {}))
+            print(format_table(result))
+            (step / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamenv", description="Learned world models as Gymnasium envs: collect rollouts, "
                                      "train V + M, train a controller in the dream, score it in reality.")
@@ -183,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train", help="train V then M on rollouts and write a bundle (resumable)")
-    p.add_argument("data", help="rollouts index file written by `dreamenv collect`")
+    p.add_argument("data", nargs="+", help="rollout index file(s) written by `dreamenv collect`, all of one env")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] tables")
     p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
+    p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only)")
     p.add_argument("--z-dim", type=int, help="V latent size (paper: 32 CarRacing, 64 Doom)")
     p.add_argument("--vae-epochs", type=int, help="epochs of V")
     p.add_argument("--vae-batch-size", type=int, help="V batch size")
@@ -239,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="collect -> train -> controller -> evaluate from one recipe; resumes where it stopped")
     p.add_argument("config", help="TOML recipe, e.g. configs/vizdoom_takecover_quick.toml")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M, retrain C")
+    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate] table: episodes per round)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
+    p.set_defaults(func=cmd_iterate)
     return parser
 
 

@@ -7,7 +7,9 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import gymnasium as gym
 
 import numpy as np
 import torch
@@ -16,11 +18,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
-from dreamenv.data.dataset import EpisodeData, iterate_frame_batches, open_rollouts, sequence_batches
+from dreamenv.data.dataset import EpisodeData, iterate_frame_batches, open_rollouts, sequence_batches, split_episode_ids
 from dreamenv.data.sources import make_source_env
 from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll
 from dreamenv.models.vae import ConvVAE, VAEConfig, frames_to_tensor, vae_loss
-from dreamenv.worldmodel import WorldModel, action_dim
+from dreamenv.registry import load_world_model
+from dreamenv.worldmodel import WorldModel
 
 CHECKPOINT_SECONDS = 120.0  # a killed run loses at most this much training
 
@@ -214,29 +217,71 @@ def _episode_data(bounds: np.ndarray, ids: np.ndarray, mu: np.ndarray, logvar: n
     ]
 
 
+@dataclass
+class RolloutData:
+    """One or more rollout stores of one env, loaded and concatenated: what train_world_model trains on."""
+
+    env_id: str
+    frame_spec: Any
+    action_space: gym.Space
+    bounds: np.ndarray  # (E, 2) [start, end) of every episode in the concatenation
+    arrays: dict[str, np.ndarray]
+    frames: np.ndarray
+
+
+def load_rollout_data(paths: Sequence[str | Path]) -> RolloutData:
+    """Load every store in `paths` (e.g. random rollouts plus each iterative round's) into one dataset."""
+    parts = []
+    for path in paths:
+        with open_rollouts(path) as r:
+            parts.append((r.env_id, r.frame_spec, r.action_space, r.episode_bounds(), r.load_arrays(), r.load_frames()))
+    env_id, frame_spec, space = parts[0][:3]
+    for path, (other_env, other_spec, other_space, *_) in zip(paths, parts):
+        if (other_env, other_spec, other_space) != (env_id, frame_spec, space):
+            raise ValueError(f"{path} holds {other_env} rollouts ({other_spec}, {other_space}); {paths[0]} holds "
+                             f"{env_id} ({frame_spec}, {space}): train on stores of one env and preprocessing")
+    offsets = np.cumsum([0] + [len(p[5]) for p in parts[:-1]])
+    return RolloutData(
+        env_id=env_id, frame_spec=frame_spec, action_space=space,
+        bounds=np.concatenate([p[3] + off for p, off in zip(parts, offsets)]),
+        arrays={k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]},
+        frames=np.concatenate([p[5] for p in parts]) if len(parts) > 1 else parts[0][5],
+    )
+
+
 def train_world_model(
-    rollouts_path: str | Path,
+    rollouts_path: str | Path | Sequence[str | Path],
     out: str | Path,
     config: TrainConfig | None = None,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    vae_from: str | Path | None = None,
 ) -> WorldModel:
-    """Rollouts -> V -> latents -> M -> bundle at `out`; rerunning the same call resumes where it stopped."""
+    """Rollouts -> V -> latents -> M -> bundle at `out`; rerunning the same call resumes where it stopped.
+
+    rollouts_path may list several stores of one env. vae_from: a bundle whose V is reused instead of
+    training one (the iterative procedure retrains M on new data, seen through the same V).
+    """
     config = config or TrainConfig()
+    paths = [rollouts_path] if isinstance(rollouts_path, (str, Path)) else list(rollouts_path)
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    with open_rollouts(rollouts_path) as rollouts:
-        bounds = rollouts.episode_bounds()
-        train_ids, heldout_ids = rollouts.split_episodes(config.holdout_fraction, config.seed)
-        arrays = rollouts.load_arrays()
-        env_id, frame_spec, space = rollouts.env_id, rollouts.frame_spec, rollouts.action_space
-        frames = rollouts.load_frames()
+    data = load_rollout_data(paths)
+    bounds, arrays, frames, space = data.bounds, data.arrays, data.frames, data.action_space
+    env_id, frame_spec = data.env_id, data.frame_spec
+    train_ids, heldout_ids = split_episode_ids(len(bounds), config.holdout_fraction, config.seed)
     train_index = np.concatenate([np.arange(*bounds[i]) for i in train_ids])
     heldout_index = np.concatenate([np.arange(*bounds[i]) for i in heldout_ids]) if len(heldout_ids) else np.zeros(0, int)
 
-    vae = train_vae(frames[train_index], config.vae, work / "vae", config.seed, progress)
+    if vae_from is None:
+        vae = train_vae(frames[train_index], config.vae, work / "vae", config.seed, progress)
+    else:
+        base = load_world_model(vae_from)
+        if (base.env_id, base.frame_spec) != (env_id, frame_spec):
+            raise ValueError(f"{vae_from} sees {base.env_id} frames ({base.frame_spec}); the rollouts are {env_id} ({frame_spec})")
+        vae = base.vae
     latents_path = work / "latents.safetensors"
     if latents_path.is_file() and (work / "latents.done").is_file():
         stored = load_numpy(str(latents_path))
@@ -246,33 +291,34 @@ def train_world_model(
         save_numpy({"mu": mu, "logvar": logvar}, str(latents_path))
         (work / "latents.done").write_text("ok\n")
     vae_metrics = vae_heldout_loss(vae, frames[heldout_index], config.vae.kl_tolerance)
-    del frames
+    del frames, data
 
     def encode(actions: np.ndarray) -> np.ndarray:
-        if space.__class__.__name__ == "Discrete":
+        if isinstance(space, gym.spaces.Discrete):
             return np.eye(space.n, dtype=np.float32)[actions.astype(np.int64).reshape(-1) - space.start]
         return actions.astype(np.float32).reshape(len(actions), -1)
 
     train_eps = _episode_data(bounds, train_ids, mu, logvar, arrays, encode)
     heldout_eps = _episode_data(bounds, heldout_ids, mu, logvar, arrays, encode)
-    assert train_eps[0].actions.shape[1] == action_dim(space)
     mdnrnn, pos_weight = train_mdnrnn(train_eps, config.mdnrnn, work / "mdnrnn", config.seed, progress)
     m_metrics = mdnrnn_heldout_metrics(mdnrnn, heldout_eps, config.mdnrnn)
 
     first = bounds[train_ids, 0][: config.initial_states]
-    max_steps = make_source_env_limit(env_id)
     returns = [float(arrays["rewards"][s:e].sum()) for s, e in bounds]
+    recipe = dataclasses.asdict(config)
+    if vae_from is not None:
+        recipe["vae_from"] = str(vae_from)
     model = WorldModel(
         vae=vae, mdnrnn=mdnrnn, initial_z=torch.from_numpy(mu[first]).clone(), env_id=env_id,
-        action_space=space, frame_spec=frame_spec, max_episode_steps=max_steps,
+        action_space=space, frame_spec=frame_spec, max_episode_steps=make_source_env_limit(env_id),
         default_temperature=config.default_temperature,
         info={
-            "data": {"rollouts": str(rollouts_path), "episodes": int(len(bounds)), "steps": int(len(mu)),
+            "data": {"rollouts": [str(p) for p in paths], "episodes": int(len(bounds)), "steps": int(len(mu)),
                      "train_episodes": int(len(train_ids)), "heldout_episodes": int(len(heldout_ids)),
                      "episode_return_mean": float(np.mean(returns)), "episode_length_mean": float(np.mean(bounds[:, 1] - bounds[:, 0]))},
             "heldout": {"vae": vae_metrics, "mdnrnn": m_metrics},
             "done_pos_weight": pos_weight,
-            "recipe": dataclasses.asdict(config),
+            "recipe": recipe,
         },
     )
     model.save(out)

@@ -129,7 +129,7 @@ def test_collect_with_a_controller(tiny_discrete: Tiny, tmp_path: Path) -> None:
         collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "x.h5", 1, policy="controller", progress=False)
 
 
-def test_pipeline_runs_and_resumes(tmp_path: Path) -> None:
+def test_pipeline_and_iterate(tmp_path: Path) -> None:
     from dreamenv.cli import main
 
     recipe = tmp_path / "tiny.toml"
@@ -156,6 +156,9 @@ max_steps = 20
 [evaluate]
 episodes = 2
 backend = "serial"
+[iterate]
+episodes = 3
+backend = "serial"
 """)
     assert main(["pipeline", str(recipe)]) == 0
     result = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -163,3 +166,12 @@ backend = "serial"
     manifest = (tmp_path / "run" / "bundle" / "manifest.json").stat().st_mtime_ns
     assert main(["pipeline", str(recipe)]) == 0  # every step is done: nothing is redone
     assert (tmp_path / "run" / "bundle" / "manifest.json").stat().st_mtime_ns == manifest
+
+    assert main(["iterate", str(recipe), "--rounds", "1"]) == 0
+    round_bundle = tmp_path / "run" / "round1" / "bundle"
+    info = json.loads((round_bundle / "manifest.json").read_text())["info"]
+    assert info["data"]["episodes"] == 6 + 3  # the random store plus the controller's round
+    assert info["recipe"]["vae_from"] == str(tmp_path / "run" / "bundle")
+    base = json.loads((tmp_path / "run" / "bundle" / "manifest.json").read_text())["files"]
+    assert info and json.loads((round_bundle / "manifest.json").read_text())["files"]["vae.safetensors"] == base["vae.safetensors"]
+    assert json.loads((tmp_path / "run" / "round1" / "results.json").read_text())["actual"]["episodes"] == 2
