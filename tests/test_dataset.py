@@ -86,8 +86,8 @@ def test_bounds_and_indexed_frames(store: Path) -> None:
 
 def test_split_episodes(store: Path) -> None:
     with open_rollouts(store) as r:
-        train, held = r.split_episodes(0.2, seed=3)
-        assert [a.tolist() for a in r.split_episodes(0.2, seed=3)] == [train.tolist(), held.tolist()]
+        train, held = split_episode_ids(r.num_episodes, 0.2, seed=3)
+        assert [a.tolist() for a in split_episode_ids(r.num_episodes, 0.2, seed=3)] == [train.tolist(), held.tolist()]
     assert len(held) == 2 and not set(train) & set(held) and sorted([*train, *held]) == list(range(10))
     assert [len(a) for a in split_episode_ids(2, 0.1)] == [1, 1]
     assert [len(a) for a in split_episode_ids(1, 0.1)] == [1, 0]

@@ -65,6 +65,12 @@ def test_make_vec_uses_the_batched_dream(tiny_discrete: Tiny) -> None:
     np.testing.assert_allclose(vec.unwrapped.temperature.numpy(), 1.2)
 
 
+def test_make_dream_vec(tiny_box: Tiny) -> None:
+    vec = dreamenv.make_dream_vec(tiny_box.bundle, 5, temperature=0.7, autoreset_mode="SameStep")
+    assert isinstance(vec, DreamVectorEnv) and vec.num_envs == 5 and vec.autoreset_mode == AutoresetMode.SAME_STEP
+    assert vec.reset(seed=0)[0].shape == (5, *vec.single_observation_space.shape)
+
+
 def test_vector_actions_are_checked(tiny_discrete: Tiny, tiny_box: Tiny) -> None:
     vec = DreamVectorEnv(2, tiny_discrete.bundle)
     vec.reset(seed=0)

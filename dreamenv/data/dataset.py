@@ -152,10 +152,6 @@ class Rollouts:
         """actions, rewards, terminated, truncated and episode_starts as numpy arrays."""
         return {name: self._read(name, slice(None)) for name in ARRAYS}
 
-    def split_episodes(self, holdout_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Deterministic disjoint (train, held-out) episode ids; at least one held out when E >= 2."""
-        return split_episode_ids(self.num_episodes, holdout_fraction, seed)
-
 
 def split_episode_ids(num_episodes: int, holdout_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sorted disjoint (train, held-out) ids of range(num_episodes), shuffled by `seed`."""
