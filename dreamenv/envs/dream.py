@@ -10,7 +10,7 @@ import torch
 from gymnasium.utils import EzPickle
 
 from dreamenv.envs.spaces import check_action, observation_space
-from dreamenv.models.mdnrnn import sample_mdn
+from dreamenv.models.mdnrnn import MDNOutput, sample_mdn
 from dreamenv.models.vae import tensor_to_frames
 from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
@@ -68,14 +68,32 @@ class NoiseBuffer:
 
 
 class DreamCore:
-    """Batched dream dynamics shared by DreamEnv, DreamVectorEnv, CMA-ES and evaluation."""
+    """Batched dream dynamics shared by DreamVectorEnv, CMA-ES and evaluation.
+
+    The step works in preallocated buffers (fresh multi-MB tensors each step cost page faults): the LSTM
+    gates alternate between two buffers, so a state stays valid for one more step and is then overwritten.
+    Callers keep observations (copies), not old states.
+    """
 
     def __init__(self, world_model: WorldModel) -> None:
         self.wm = world_model
         self.z_dim = world_model.z_dim
         self.hidden_size = world_model.hidden_size
-        self._lstm_step = world_model.mdnrnn.fused_step()
-        self._heads = world_model.mdnrnn.fused_heads()
+        self.action_dim = world_model.mdnrnn.action_dim
+        self.num_gaussians = world_model.mdnrnn.num_gaussians
+        self.lstm_weight, self.lstm_bias, self.head_weight, self.head_bias = world_model.mdnrnn.fused_weights()
+        self._capacity = 0
+        self._flip = 0
+
+    def _buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the input, gate and head buffers for a batch of n (grown when n exceeds the capacity)."""
+        if n > self._capacity:
+            self._capacity = n
+            self._inputs = torch.empty(n, self.z_dim + self.action_dim + self.hidden_size)
+            self._gates = (torch.empty(n, 4 * self.hidden_size), torch.empty(n, 4 * self.hidden_size))
+            self._heads = torch.empty(n, self.head_weight.shape[1])
+        self._flip ^= 1
+        return self._inputs[:n], self._gates[self._flip][:n], self._heads[:n]
 
     def initial_state(self, index: np.ndarray) -> DreamState:
         """z_0 = entries `index` of the bank of encoded first frames, h_0 = c_0 = 0."""
@@ -97,8 +115,20 @@ class DreamCore:
         done_threshold: float = 0.5,
     ) -> tuple[DreamState, np.ndarray, np.ndarray]:
         """h' = M(z, a, h); z' ~ MDN(h') at temperature; reward and termination from M's heads."""
-        h, c = self._lstm_step(state.z, actions, state.h, state.c)
-        out = self._heads(h)
+        n, z_dim, hidden, k = state.z.shape[0], self.z_dim, self.hidden_size, self.num_gaussians
+        inputs, gates, heads = self._buffers(n)
+        inputs[:, :z_dim] = state.z
+        inputs[:, z_dim : z_dim + self.action_dim] = actions
+        inputs[:, z_dim + self.action_dim :] = state.h
+        torch.addmm(self.lstm_bias, inputs, self.lstm_weight, out=gates)  # gates (i, f, o, g)
+        gates[:, : 3 * hidden].sigmoid_()
+        gates[:, 3 * hidden :].tanh_()
+        i, f, o, g = gates.split(hidden, dim=1)
+        c = f.mul_(state.c).addcmul_(i, g)
+        h = o.mul_(torch.tanh(c))
+        torch.addmm(self.head_bias, h, self.head_weight, out=heads)
+        logpi, mu, logsigma = heads[:, :-2].view(n, z_dim, 3 * k).split(k, dim=-1)
+        out = MDNOutput(logpi, mu, logsigma.clamp(-8.0, 4.0), heads[:, -2], heads[:, -1])
         z = sample_mdn(out, temperature, torch.from_numpy(noise.uniform), torch.from_numpy(noise.normal))
         done_prob = torch.sigmoid(out.done_logit).numpy()
         terminated = noise.done < done_prob if done_mode == "sample" else done_prob > done_threshold
