@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from dreamenv.agents.controller import LinearController, dream_returns, load_controller
@@ -25,7 +24,6 @@ def real_episodes(task: tuple[str, str, list[int]]) -> list[tuple[int, float, in
     from dreamenv.envs.real import RealEnv
 
     bundle, controller_path, seeds = task
-    torch.set_num_threads(1)  # one process per core: more threads per worker oversubscribe the cores
     controller = LinearController.load(controller_path)
     env = RealEnv(bundle)
     results = []

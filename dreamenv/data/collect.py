@@ -13,7 +13,6 @@ from typing import Any
 import gymnasium as gym
 import h5py
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from dreamenv.data.preprocess import FrameSpec, extract_frame, frame_spec_for
@@ -320,7 +319,6 @@ def _package_version() -> str:
 
 def collect_shard(task: ShardTask) -> ShardResult:
     """Worker: run the shard's episodes, write them to <shard>.tmp, then rename to the shard file."""
-    torch.set_num_threads(1)  # one process per core: more threads per worker oversubscribe the cores
     env = _make_env(task.env_id, task.from_render)
     try:
         spec = frame_spec_for(env, task.from_render)
