@@ -94,7 +94,8 @@ def cmd_controller(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.config).get("controller", {})
     overrides = {"population": args.population, "rollouts": args.rollouts, "generations": args.generations,
-                 "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps}
+                 "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps,
+                 "temperature_range": args.temperature_range, "done_mode": args.done_mode, "done_threshold": args.done_threshold}
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     controller = train_controller(args.bundle, args.out, CMAESConfig(**recipe))
     last = controller.info["history"][-1] if controller.info["history"] else {}
@@ -102,7 +103,7 @@ def cmd_controller(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dreamenv.evaluate import evaluate, format_table
+    from dreamenv.evaluate import evaluate, format_table, plot_temperature_table
 
     result = evaluate(args.bundle, args.controller, episodes=args.episodes, temperatures=args.temperatures,
                       seed=args.seed, backend=args.backend, workers=args.workers, real=not args.no_real)
@@ -110,6 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_temperature_table(result, args.plot)}")
 
 
 def cmd_dream(args: argparse.Namespace) -> None:
@@ -137,7 +140,7 @@ def cmd_dream(args: argparse.Namespace) -> None:
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from dreamenv.agents.controller import CMAESConfig, train_controller
     from dreamenv.data.collect import collect
-    from dreamenv.evaluate import evaluate, format_table
+    from dreamenv.evaluate import evaluate, format_table, format_temperature_table, plot_temperature_table, temperature_table
     from dreamenv.train import TrainConfig, train_world_model
 
     recipe = load_recipe(args.config)
@@ -153,13 +156,30 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print("      bundle exists: skipped (delete it to retrain)")
     else:
         train_world_model(rollouts, bundle, TrainConfig.from_dict(recipe.get("train", {})))
-    print(f"[3/4] controller (CMA-ES in the dream) -> {controller}")
-    train_controller(bundle, controller, CMAESConfig(**recipe.get("controller", {})))
-    print("[4/4] evaluate: virtual vs actual")
-    result = evaluate(bundle, controller, **recipe.get("evaluate", {}))
-    print(format_table(result))
+    settings = dict(recipe.get("controller", {}))
+    temperatures = settings.pop("temperatures", None)
+    if temperatures is None:
+        print(f"[3/4] controller (CMA-ES in the dream) -> {controller}")
+        train_controller(bundle, controller, CMAESConfig(**settings))
+        print("[4/4] evaluate: virtual vs actual")
+        result = evaluate(bundle, controller, **recipe.get("evaluate", {}))
+        print(format_table(result))
+    else:
+        controllers = {float(tau): root / "controllers" / f"tau-{tau:g}" for tau in temperatures}
+        for tau, path in controllers.items():
+            print(f"[3/4] controller (CMA-ES in the dream at tau {tau:g}) -> {path}")
+            train_controller(bundle, path, CMAESConfig(**{**settings, "temperature": tau}))
+        print("[4/4] evaluate: each controller in its dream and in the real game")
+        options = {k: v for k, v in recipe.get("evaluate", {}).items() if k != "temperatures"}
+        result = temperature_table(bundle, controllers, **options)
+        print(format_temperature_table(result))
     (root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {root / 'results.json'}")
+    if temperatures is not None:
+        try:
+            print(f"wrote {plot_temperature_table(result, root / 'temperature.png')}")
+        except ImportError as error:
+            print(f"no plot: {error}")
 
 
 def cmd_iterate(args: argparse.Namespace) -> None:
@@ -171,11 +191,12 @@ def cmd_iterate(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config)
     run = recipe.get("run", {})
     root = Path(run.get("dir", ""))
-    if not (root / "bundle" / "manifest.json").is_file() or not (root / "controller" / "controller.json").is_file():
-        raise ValueError(f"{root} has no bundle and controller yet: run `dreamenv pipeline {args.config}` first")
     settings = recipe.get("iterate", {})
-    stores = [root / "rollouts.h5"]
-    bundle, controller = root / "bundle", root / "controller"
+    bundle, controller = root / "bundle", Path(settings.get("controller", root / "controller"))
+    if not (bundle / "manifest.json").is_file() or not (controller / "controller.json").is_file():
+        raise ValueError(f"no bundle {bundle} or controller {controller} yet: run `dreamenv pipeline {args.config}` first")
+    stores = [root / "rollouts.h5", *(Path(extra) for extra in settings.get("extra_data", []))]
+    controller_settings = {k: v for k, v in recipe.get("controller", {}).items() if k != "temperatures"}
     for number in range(1, args.rounds + 1):
         step = root / f"round{number}"
         print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {controller}")
@@ -187,7 +208,7 @@ def cmd_iterate(args: argparse.Namespace) -> None:
             train_world_model(stores, step / "bundle", TrainConfig.from_dict(recipe.get("train", {})), vae_from=root / "bundle")
         bundle, controller = step / "bundle", step / "controller"
         print(f"round {number}: CMA-ES in the new dream")
-        train_controller(bundle, controller, CMAESConfig(**recipe.get("controller", {})))
+        train_controller(bundle, controller, CMAESConfig(**controller_settings))
         if not (step / "results.json").is_file():
             result = evaluate(bundle, controller, **recipe.get("evaluate", {}))
             print(format_table(result))
@@ -244,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, help="CMA-ES population (paper: 64)")
     p.add_argument("--rollouts", type=int, help="dream rollouts per candidate (paper: 16)")
     p.add_argument("--generations", type=int, help="CMA-ES generations (default 100)")
+    p.add_argument("--temperature-range", type=_floats, metavar="LOW,HIGH",
+                   help="draw each dream's temperature uniformly from LOW..HIGH (overrides --temperature)")
+    p.add_argument("--done-mode", choices=["sample", "threshold"], help="how M's p(done) ends a dream (default sample)")
+    p.add_argument("--done-threshold", type=float, help="with --done-mode threshold: end when p(done) exceeds this (default 0.5)")
     p.add_argument("--max-steps", type=int, help="cap on dream episode length (default: the env's limit)")
     p.add_argument("--seed", type=int, help="CMA-ES seed")
     p.set_defaults(func=cmd_controller)
@@ -258,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="real-env workers (default 2)")
     p.add_argument("--no-real", action="store_true", help="score in the dream only")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--plot", help="also write a PNG of virtual and actual score against tau (needs dreamenv[plot])")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("dream", help="watch a dream: write a GIF of frames decoded by V")
@@ -275,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M, retrain C")
-    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate] table: episodes per round)")
+    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate] table: episodes per round, controller, extra_data)")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)
     return parser

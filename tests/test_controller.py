@@ -194,6 +194,51 @@ def test_dream_returns_sum_the_reward_head(tiny_discrete: Tiny) -> None:
     np.testing.assert_allclose(returns, 0.25 * 12)
 
 
+def test_dream_returns_per_dream_temperature(tiny_discrete: Tiny) -> None:
+    wm = _fixed_done(tiny_discrete, 0.001)  # never ends: every run draws the same noise for the same rows
+    policy, _ = _constant_policy(_space(tiny_discrete))
+
+    def run(tau):
+        return dream_returns(wm, policy, 8, tau, np.random.default_rng(3), 15, "threshold")[0]
+
+    cold, hot = run(0.3), run(2.0)
+    assert not np.allclose(cold, hot)  # the temperature matters for the returns
+    mixed = run(np.array([0.3] * 4 + [2.0] * 4))
+    np.testing.assert_allclose(mixed[:4], cold[:4], rtol=1e-5)
+    np.testing.assert_allclose(mixed[4:], hot[4:], rtol=1e-5)
+    # Rows that finish drop out together with their temperatures.
+    wm = _fixed_done(tiny_discrete, 0.3)
+    scalar = dream_returns(wm, policy, 64, 1.0, np.random.default_rng(1), 40, "sample")
+    per_row = dream_returns(wm, policy, 64, np.ones(64), np.random.default_rng(1), 40, "sample")
+    np.testing.assert_array_equal(scalar[1], per_row[1])
+    np.testing.assert_allclose(scalar[0], per_row[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="shape \\(64,\\)"):
+        dream_returns(wm, policy, 64, np.ones(3), np.random.default_rng(1), 40)
+
+
+def test_cmaes_randomised_temperature_and_threshold(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple] = []
+
+    def recording(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold):
+        seen.append((np.asarray(tau), done_mode, done_threshold))
+        return dream_returns(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold)
+
+    monkeypatch.setattr(controller_module, "dream_returns", recording)
+    config = tiny_cmaes_config(generations=2)
+    config = controller_module.CMAESConfig(**{**vars(config), "temperature_range": (0.8, 1.4),
+                                              "done_mode": "threshold", "done_threshold": 0.2})
+    ctrl = train_controller(tiny_discrete.bundle, tmp_path / "c", config, progress=False)
+    assert len(seen) == 2
+    for tau, mode, threshold in seen:
+        assert tau.shape == (config.population * config.rollouts,) and mode == "threshold" and threshold == 0.2
+        assert tau.min() >= 0.8 and tau.max() <= 1.4 and tau.std() > 0.05
+    assert ctrl.info["temperature"] == [0.8, 1.4] and ctrl.info["cmaes"]["done_mode"] == "threshold"
+    with pytest.raises(ValueError, match="done_mode"):
+        controller_module.CMAESConfig(done_mode="sometimes")
+    with pytest.raises(ValueError, match="temperature_range"):
+        controller_module.CMAESConfig(temperature_range=(1.5, 1.0))
+
+
 # --- evaluate -------------------------------------------------------------------------------------------------
 
 def test_evaluate_virtual_and_actual(tiny_discrete: Tiny) -> None:

@@ -181,3 +181,45 @@ backend = "serial"
     base = json.loads((tmp_path / "run" / "bundle" / "manifest.json").read_text())["files"]
     assert info and json.loads((round_bundle / "manifest.json").read_text())["files"]["vae.safetensors"] == base["vae.safetensors"]
     assert json.loads((tmp_path / "run" / "round1" / "results.json").read_text())["actual"]["episodes"] == 2
+
+
+def test_pipeline_one_controller_per_temperature(tmp_path: Path) -> None:
+    from dreamenv.cli import main
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f"""
+[run]
+env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
+dir = "{tmp_path / 'run'}"
+[collect]
+episodes = 4
+backend = "serial"
+[train.vae]
+z_dim = 4
+epochs = 1
+batch_size = 32
+[train.mdnrnn]
+hidden_size = 16
+epochs = 1
+seq_len = 16
+[controller]
+temperatures = [0.5, 1.3]
+population = 4
+rollouts = 2
+generations = 1
+max_steps = 20
+done_mode = "threshold"
+done_threshold = 0.3
+[evaluate]
+episodes = 2
+backend = "serial"
+""")
+    assert main(["pipeline", str(recipe)]) == 0
+    run = tmp_path / "run"
+    result = json.loads((run / "results.json").read_text())
+    assert [row["temperature"] for row in result["rows"]] == [0.5, 1.3]
+    for row in result["rows"]:
+        info = json.loads((Path(row["controller"]) / "controller.json").read_text())["info"]
+        assert info["temperature"] == row["temperature"] and info["cmaes"]["done_threshold"] == 0.3
+        assert row["virtual"]["episodes"] == 2 and row["actual"]["episodes"] == 2
+    assert (run / "temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from dreamenv.envs.dream import DreamCore, Noise
+from dreamenv.envs.dream import DONE_MODES, DreamCore, Noise
 from dreamenv.registry import load_world_model, resolve_controller
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -154,19 +154,25 @@ def dream_returns(
     world_model: WorldModel,
     policy: Callable[[np.ndarray, np.ndarray], np.ndarray],
     n: int,
-    temperature: float,
+    temperature: float | np.ndarray,
     rng: np.random.Generator,
     max_steps: int | None = None,
     done_mode: str = "sample",
+    done_threshold: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run n dreams as one batch until each terminates or max_steps; returns (returns, lengths).
 
     policy(obs (m, obs_dim), rows (m,)) -> actions for the rows still running; rows index 0..n-1, so a
     population can give each row its own controller. Finished rows drop out of the batch.
+    temperature is one float or an (n,) array, one per dream (randomised temperature).
     """
     core = DreamCore(world_model)
     max_steps = max_steps or world_model.max_episode_steps
     state = core.initial_state(rng.integers(0, world_model.initial_z.shape[0], size=n))
+    per_row_tau = np.ndim(temperature) > 0
+    if per_row_tau and np.shape(temperature) != (n,):
+        raise ValueError(f"temperature must be a float or an array of shape ({n},), got shape {np.shape(temperature)}")
+    tau = torch.as_tensor(np.asarray(temperature, np.float32)) if per_row_tau else float(temperature)
     rows = np.arange(n)
     returns = np.zeros(n, np.float64)
     lengths = np.zeros(n, np.int64)
@@ -175,13 +181,15 @@ def dream_returns(
         m = len(rows)
         noise = Noise(rng.random((m, core.z_dim), dtype=np.float32),
                       rng.standard_normal((m, core.z_dim), dtype=np.float32), rng.random(m, dtype=np.float32))
-        state, reward, terminated = core.step(state, world_model.encode_actions(actions), temperature, noise, done_mode)
+        state, reward, terminated = core.step(state, world_model.encode_actions(actions), tau, noise, done_mode, done_threshold)
         returns[rows] += reward
         lengths[rows] += 1
         if terminated.any():
             keep = torch.from_numpy(~terminated)
             state = type(state)(*(t[keep] for t in state))
             rows = rows[~terminated]
+            if per_row_tau:
+                tau = tau[keep]
             if len(rows) == 0:
                 break
     return returns, lengths
@@ -196,8 +204,19 @@ class CMAESConfig:
     generations: int = 100
     sigma0: float = 0.1
     temperature: float | None = None  # None: the bundle's default
+    temperature_range: tuple[float, float] | None = None  # per-dream tau drawn uniformly from it (overrides temperature)
+    done_mode: str = "sample"  # "sample": Bernoulli of M's p(done); "threshold": done when p(done) > done_threshold
+    done_threshold: float = 0.5
     max_steps: int | None = None  # None: the bundle's episode limit
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.done_mode not in DONE_MODES:
+            raise ValueError(f"done_mode must be one of {DONE_MODES}, got {self.done_mode!r}")
+        if self.temperature_range is not None:
+            self.temperature_range = tuple(float(t) for t in self.temperature_range)
+            if len(self.temperature_range) != 2 or not 0 < self.temperature_range[0] <= self.temperature_range[1]:
+                raise ValueError(f"temperature_range must be (low, high) with 0 < low <= high, got {self.temperature_range}")
 
 
 def train_controller(
@@ -221,7 +240,7 @@ def train_controller(
     )
     history = state["history"] if state else []
     out_dim = output_dim(wm.action_space)
-    bar = tqdm(total=config.generations, initial=generation, desc=f"CMA-ES tau={temperature}", unit="gen", disable=not progress)
+    bar = tqdm(total=config.generations, initial=generation, desc=f"CMA-ES tau={config.temperature_range or temperature}", unit="gen", disable=not progress)
     while generation < config.generations:
         asked = np.asarray(es.ask())
         candidates = asked.astype(np.float32)
@@ -235,7 +254,8 @@ def train_controller(
             return outputs_to_actions(raw, wm.action_space)
 
         rng = np.random.default_rng([config.seed, generation])
-        returns, _ = dream_returns(wm, policy, len(owner), temperature, rng, config.max_steps)
+        tau = rng.uniform(*config.temperature_range, size=len(owner)) if config.temperature_range else temperature
+        returns, _ = dream_returns(wm, policy, len(owner), tau, rng, config.max_steps, config.done_mode, config.done_threshold)
         fitness = returns.reshape(len(candidates), config.rollouts).mean(1)
         es.tell(list(asked), list(-fitness))  # the float64 solutions it asked for
         generation += 1
@@ -248,7 +268,8 @@ def train_controller(
         bar.set_postfix(mean=f"{fitness.mean():.1f}", best=f"{fitness.max():.1f}")
     bar.close()
     info = {"env_id": wm.env_id, "bundle_fingerprint": wm.fingerprint, "trained_in": "dream",
-            "temperature": temperature, "cmaes": asdict(config), "history": history}
+            "temperature": temperature if config.temperature_range is None else list(config.temperature_range),
+            "cmaes": asdict(config), "history": history}
     controller = LinearController.from_flat(np.asarray(state["mean"]), wm.latent_obs_dim, wm.action_space, info)
     controller.save(out)
     return controller
