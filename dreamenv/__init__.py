@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dreamenv.compare import compare
 from dreamenv.registry import load_world_model, register_bundle, register_shipped
 from dreamenv.worldmodel import BundleError, WorldModel
 
 __all__ = [
-    "BundleError", "WorldModel", "load_controller", "load_world_model", "make_dream", "make_dream_vec", "make_real", "sb3_vec_env", "register_bundle",
+    "BundleError", "WorldModel", "compare", "load_controller", "load_world_model", "make_dream", "make_dream_vec", "make_real", "sb3_vec_env", "register_bundle",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The `dreamenv` command: collect | train | info | controller | evaluate | dream | pipeline | iterate."""
+"""The `dreamenv` command: collect | train | info | controller | train-agent | evaluate | compare | dream | fidelity | pipeline | iterate."""
 from __future__ import annotations
 
 import argparse
@@ -33,19 +33,49 @@ def load_recipe(path: str | None) -> dict[str, Any]:
         return tomllib.load(handle)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from dreamenv.train import TrainConfig, train_world_model
-
-    recipe = load_recipe(args.config).get("train", {})
-    overrides = {"vae": {"z_dim": args.z_dim, "epochs": args.vae_epochs, "batch_size": args.vae_batch_size},
-                 "mdnrnn": {"hidden_size": args.hidden_size, "epochs": args.mdn_epochs, "seq_len": args.seq_len},
-                 "seed": args.seed, "default_temperature": args.temperature}
+def _merge_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values (None: not given) over a recipe's, one level of tables deep."""
     for key, value in overrides.items():
         if isinstance(value, dict):
             recipe.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
         elif value is not None:
             recipe[key] = value
-    model = train_world_model(args.data, args.out, TrainConfig.from_dict(recipe), work_dir=args.work_dir,
+    return recipe
+
+
+def train_rssm_command(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
+    """`dreamenv train --model rssm`: the RSSM on the rollouts; V and M options are refused, not ignored."""
+    from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
+
+    v_and_m = {"--z-dim": args.z_dim, "--vae-epochs": args.vae_epochs, "--vae-batch-size": args.vae_batch_size,
+               "--mdn-epochs": args.mdn_epochs, "--vae-from": args.vae_from}
+    given = [flag for flag, value in v_and_m.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} set V or M, which an RSSM does not have: drop them, or train with --model mdnrnn")
+    overrides = {"rssm": {"deter": args.hidden_size, "stoch": args.stoch, "classes": args.classes,
+                          "epochs": args.rssm_epochs, "seq_len": args.seq_len},
+                 "seed": args.seed, "default_temperature": args.temperature}
+    model = train_rssm_world_model(args.data, args.out, RSSMTrainConfig.from_dict(_merge_overrides(recipe, overrides)),
+                                   work_dir=args.work_dir)
+    print(f"bundle: {args.out}")
+    print(json.dumps(model.info["heldout"], indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dreamenv.train import TrainConfig, train_world_model
+
+    recipe = load_recipe(args.config).get("train", {})
+    if args.model == "rssm":
+        train_rssm_command(args, recipe)
+        return
+    rssm_only = {"--stoch": args.stoch, "--classes": args.classes, "--rssm-epochs": args.rssm_epochs}
+    given = [flag for flag, value in rssm_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} set the RSSM: add --model rssm")
+    overrides = {"vae": {"z_dim": args.z_dim, "epochs": args.vae_epochs, "batch_size": args.vae_batch_size},
+                 "mdnrnn": {"hidden_size": args.hidden_size, "epochs": args.mdn_epochs, "seq_len": args.seq_len},
+                 "seed": args.seed, "default_temperature": args.temperature}
+    model = train_world_model(args.data, args.out, TrainConfig.from_dict(_merge_overrides(recipe, overrides)), work_dir=args.work_dir,
                               vae_from=args.vae_from)
     print(f"bundle: {args.out}")
     print(json.dumps(model.info["heldout"], indent=2))
@@ -67,7 +97,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     dims, info = manifest["dims"], manifest.get("info", {})
     print(f"bundle      {path}")
     print(f"env         {manifest['env_id']}   (max {manifest['max_episode_steps']} steps)")
-    print(f"model       {manifest['model_kind']}: z {dims['z_dim']}, LSTM {dims['hidden_size']}, {dims['num_gaussians']} Gaussians, action dim {dims['action_dim']}")
+    if manifest["model_kind"] == "rssm":
+        print(f"model       rssm: GRU {dims['hidden_size']}, {dims['stoch']} x {dims['classes']} categorical latents, "
+              f"action dim {dims['action_dim']}")
+    else:
+        print(f"model       {manifest['model_kind']}: z {dims['z_dim']}, LSTM {dims['hidden_size']}, {dims['num_gaussians']} Gaussians, action dim {dims['action_dim']}")
     print(f"observation latent: Box(({dims['z_dim'] + dims['hidden_size']},), float32)  pixels: Box(0, 255, (64, 64, 3), uint8)")
     print(f"action      {manifest['action_space']}")
     print(f"temperature {manifest['default_temperature']}   initial states {dims['initial_states']}")
@@ -84,9 +118,19 @@ def cmd_info(args: argparse.Namespace) -> None:
     if held.get("mdnrnn"):
         m = held["mdnrnn"]
         print(f"held-out M  z NLL {m['z_nll']:.3f}, reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
-        print(f"            done precision {_fmt(m['done_precision'])} recall {_fmt(m['done_recall'])} (threshold 0.5); "
-              f"sampled: precision {_fmt(m['done_precision_sampled'])} recall {_fmt(m['done_recall_sampled'])} "
-              f"over {int(m['terminal_steps'])} terminal steps")
+        print(_done_line(m))
+    if held.get("rssm"):
+        m = held["rssm"]
+        print(f"held-out    RSSM reconstruction {m['reconstruction']:.2f} (sum sq. error per frame), KL[q || p] {m['kl']:.3f}, "
+              f"reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
+        print(_done_line(m))
+
+
+def _done_line(m: dict[str, Any]) -> str:
+    """The held-out done-head line of `dreamenv info`."""
+    return (f"            done precision {_fmt(m['done_precision'])} recall {_fmt(m['done_recall'])} (threshold 0.5); "
+            f"sampled: precision {_fmt(m['done_precision_sampled'])} recall {_fmt(m['done_recall_sampled'])} "
+            f"over {int(m['terminal_steps'])} terminal steps")
 
 
 def cmd_controller(args: argparse.Namespace) -> None:
@@ -115,6 +159,54 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {plot_temperature_table(result, args.plot)}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from dreamenv.compare import compare
+
+    result = compare(args.policy, args.bundle, args.temperatures, args.episodes, args.seed, args.backend, args.workers,
+                     algo=args.algo, real=not args.no_real, done_mode=args.done_mode, done_threshold=args.done_threshold)
+    table = result.markdown()
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        print(f"wrote {result.plot(args.plot)}")
+
+
+def cmd_train_agent(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.config)
+    if args.algo == "cmaes":
+        from dreamenv.agents.controller import CMAESConfig, train_controller
+
+        if args.timesteps is not None or args.n_envs is not None:
+            raise ValueError("--timesteps and --n-envs are PPO and actor-critic options: CMA-ES takes its budget from the "
+                             "--config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
+        settings = recipe.get("controller", {})
+        settings.update({k: v for k, v in {"temperature": args.temperature, "seed": args.seed}.items() if v is not None})
+        train_controller(args.bundle, args.out, CMAESConfig(**settings))
+    elif args.algo == "actor-critic":
+        from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
+
+        settings = recipe.get("actor_critic", {})
+        settings.update({k: v for k, v in {"batch": args.n_envs, "temperature": args.temperature, "seed": args.seed}.items()
+                         if v is not None})
+        config = ActorCriticConfig.from_dict(settings)
+        if args.timesteps is not None:  # imagined steps -> updates of batch x horizon steps each
+            config.iterations = -(-args.timesteps // (config.batch * config.horizon))
+        train_actor_critic(args.bundle, args.out, config)
+    else:
+        from dreamenv.agents.sb3 import PPOConfig, train_ppo
+
+        settings = recipe.get("ppo", {})
+        overrides = {"timesteps": args.timesteps, "n_envs": args.n_envs, "temperature": args.temperature, "seed": args.seed}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        train_ppo(args.bundle, args.out, PPOConfig.from_dict(settings))
+    print(f"agent: {args.out}  (score it: dreamenv compare {args.bundle} --policy {args.out})")
+
+
 def cmd_dream(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -135,6 +227,18 @@ def cmd_dream(args: argparse.Namespace) -> None:
     images = [Image.fromarray(f).resize((args.scale * 64, args.scale * 64), Image.NEAREST) for f in frames]
     images[0].save(args.out, save_all=True, append_images=images[1:], duration=1000 // 30, loop=0)
     print(f"wrote {args.out}: {len(frames)} frames, dream return {total:.1f}")
+
+
+def cmd_fidelity(args: argparse.Namespace) -> None:
+    from dreamenv.fidelity import FidelityConfig, fidelity, format_fidelity
+
+    config = FidelityConfig(horizon=args.horizon, stride=args.stride, temperature=args.temperature,
+                            max_episodes=args.episodes, all_episodes=args.all_episodes, seed=args.seed)
+    result = fidelity([args.bundle_a, args.bundle_b], args.data, config)
+    print(format_fidelity(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -225,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index file to write, e.g. runs/doom/rollouts.h5 (shards go beside it)")
     p.add_argument("--episodes", type=int, default=100, help="total episodes (rerun with more to extend; default 100)")
     p.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
-    p.add_argument("--policy", default="random", choices=["random", "brownian", "controller"],
-                   help="random actions, held/brownian random actions (moves CarRacing's car), or --controller")
+    p.add_argument("--policy", default="random", choices=["random", "brownian", "drive", "controller"],
+                   help="random actions, held/brownian random actions, drive (CarRacing: steer randomly, mostly gas), "
+                   "or --controller")
     p.add_argument("--controller", help="controller directory or shipped name, with --policy controller")
     p.add_argument("--bundle", help="the controller's bundle (its V and M turn frames into observations)")
     p.add_argument("--from-render", action="store_true", help="record render() frames, for envs with vector observations")
@@ -236,18 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default="gzip", choices=["gzip", "zstd", "none"], help="frame compression (default gzip)")
     p.set_defaults(func=cmd_collect)
 
-    p = sub.add_parser("train", help="train V then M on rollouts and write a bundle (resumable)")
+    p = sub.add_parser("train", help="train V then M (or an RSSM) on rollouts and write a bundle (resumable)")
     p.add_argument("data", nargs="+", help="rollout index file(s) written by `dreamenv collect`, all of one env")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] tables")
+    p.add_argument("--model", choices=["mdnrnn", "rssm"], default="mdnrnn",
+                   help="mdnrnn: V + M (World Models, default); rssm: DreamerV3's RSSM (docs/rssm.md)")
+    p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] (or [train.rssm]) tables")
     p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
     p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only)")
     p.add_argument("--z-dim", type=int, help="V latent size (paper: 32 CarRacing, 64 Doom)")
     p.add_argument("--vae-epochs", type=int, help="epochs of V")
     p.add_argument("--vae-batch-size", type=int, help="V batch size")
-    p.add_argument("--hidden-size", type=int, help="M's LSTM size (paper: 256 CarRacing, 512 Doom)")
+    p.add_argument("--hidden-size", type=int, help="M's LSTM size (paper: 256 CarRacing, 512 Doom), or the RSSM's GRU size")
     p.add_argument("--mdn-epochs", type=int, help="epochs of M")
-    p.add_argument("--seq-len", type=int, help="M's training sequence length")
+    p.add_argument("--rssm-epochs", type=int, help="epochs of the RSSM")
+    p.add_argument("--stoch", type=int, help="RSSM: number of categorical latents (default 32)")
+    p.add_argument("--classes", type=int, help="RSSM: classes per latent (default 32)")
+    p.add_argument("--seq-len", type=int, help="M's (or the RSSM's) training sequence length")
     p.add_argument("--temperature", type=float, help="default dream temperature stored in the bundle")
     p.add_argument("--seed", type=int, help="training seed")
     p.set_defaults(func=cmd_train)
@@ -286,6 +396,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="also write a PNG of virtual and actual score against tau (needs dreamenv[plot])")
     p.set_defaults(func=cmd_evaluate)
 
+    from dreamenv.compare import POLICY_ALGOS
+
+    p = sub.add_parser("compare", help="score any agent in the dream and in the real game: paired seeds, bootstrap 95%% CIs")
+    p.add_argument("bundle", help="bundle directory or shipped name")
+    p.add_argument("--policy", required=True,
+                   help="controller directory or shipped name, `dreamenv train-agent` directory, or an SB3 .zip (with --algo)")
+    p.add_argument("--algo", choices=POLICY_ALGOS, help="what saved the policy; needed for a bare SB3 .zip")
+    p.add_argument("--temperatures", type=_floats, help="comma-separated dream temperatures (default: the bundle's)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes in each; episode i uses seed SEED+i in both (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
+    p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="real-env backend")
+    p.add_argument("--workers", type=int, default=2, help="real-env workers (default 2)")
+    p.add_argument("--no-real", action="store_true", help="score in the dream only")
+    p.add_argument("--done-mode", default="sample", choices=["sample", "threshold"], help="how M's p(done) ends a dream (default sample)")
+    p.add_argument("--done-threshold", type=float, default=0.5, help="with --done-mode threshold: end when p(done) exceeds this")
+    p.add_argument("--json", help="also write the results (with per-episode scores) to this JSON file")
+    p.add_argument("--markdown", help="also write the table to this Markdown file")
+    p.add_argument("--plot", help="also write a PNG of the scores against tau (needs dreamenv[plot])")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train-agent", help="train an agent in the dream: ppo (Stable-Baselines3), actor-critic (Dreamer-style) "
+                       "or cmaes (the paper's controller)")
+    p.add_argument("bundle", help="bundle directory or shipped name")
+    p.add_argument("--algo", required=True, choices=["ppo", "actor-critic", "cmaes"],
+                   help="ppo: SB3 PPO on batched dreams; actor-critic: learned in imagination (Discrete actions); cmaes: `dreamenv controller`")
+    p.add_argument("--out", required=True, help="directory to write (agent.json beside the weights); rerun to resume")
+    p.add_argument("--config", help="TOML recipe: its [ppo], [actor_critic] or [controller] (cmaes) table")
+    p.add_argument("--timesteps", type=int, help="ppo, actor-critic: dream steps to train on (ppo default 1,000,000)")
+    p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
+    p.add_argument("--n-envs", type=int, help="ppo, actor-critic: dreams stepped as one batch (default 16 / 256)")
+    p.add_argument("--seed", type=int, help="training seed")
+    p.set_defaults(func=cmd_train_agent)
+
     p = sub.add_parser("dream", help="watch a dream: write a GIF of frames decoded by V")
     p.add_argument("bundle", help="bundle directory or shipped name")
     p.add_argument("--out", default="dream.gif", help="GIF to write (default dream.gif)")
@@ -295,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the 64x64 frames (default 4)")
     p.add_argument("--seed", type=int, default=0, help="dream seed")
     p.set_defaults(func=cmd_dream)
+
+    p = sub.add_parser("fidelity", help="compare two world models on real episodes: open-loop error by horizon, reward, done")
+    p.add_argument("bundle_a", help="bundle directory or shipped name (MDN-RNN or RSSM)")
+    p.add_argument("bundle_b", help="another bundle of the same env")
+    p.add_argument("data", nargs="+", help="rollout store(s) of that env; episodes either bundle trained on are skipped")
+    p.add_argument("--horizon", type=int, default=50, help="open-loop steps per window (default 50)")
+    p.add_argument("--stride", type=int, default=10, help="a window starts every this many steps (default 10)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the open-loop dream (default 1)")
+    p.add_argument("--episodes", type=int, help="score at most this many episodes")
+    p.add_argument("--all-episodes", action="store_true", help="also score episodes the bundles trained on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dream's sampling")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("pipeline", help="collect -> train -> controller -> evaluate from one recipe; resumes where it stopped")
     p.add_argument("config", help="TOML recipe, e.g. configs/vizdoom_takecover_quick.toml")

@@ -206,6 +206,22 @@ def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: M
     }
 
 
+def encode_action_array(space: gym.Space, actions: np.ndarray) -> np.ndarray:
+    """Stored actions (N, ...) -> float32 (N, action_dim) model inputs: one-hot for Discrete, flat for Box."""
+    if isinstance(space, gym.spaces.Discrete):
+        return np.eye(space.n, dtype=np.float32)[actions.astype(np.int64).reshape(-1) - space.start]
+    return actions.astype(np.float32).reshape(len(actions), -1)
+
+
+def data_summary(paths: Sequence[str | Path], bounds: np.ndarray, rewards: np.ndarray, train_ids: np.ndarray,
+                 heldout_ids: np.ndarray) -> dict[str, Any]:
+    """The bundle's record of what it was trained on: stores, episode counts and split, mean return and length."""
+    returns = [float(rewards[s:e].sum()) for s, e in bounds]
+    return {"rollouts": [str(p) for p in paths], "episodes": int(len(bounds)), "steps": int(bounds[-1, 1]),
+            "train_episodes": int(len(train_ids)), "heldout_episodes": int(len(heldout_ids)),
+            "episode_return_mean": float(np.mean(returns)), "episode_length_mean": float(np.mean(bounds[:, 1] - bounds[:, 0]))}
+
+
 def _episode_data(bounds: np.ndarray, ids: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
                   arrays: dict[str, np.ndarray], world_actions) -> list[EpisodeData]:
     return [
@@ -294,9 +310,7 @@ def train_world_model(
     del frames, data
 
     def encode(actions: np.ndarray) -> np.ndarray:
-        if isinstance(space, gym.spaces.Discrete):
-            return np.eye(space.n, dtype=np.float32)[actions.astype(np.int64).reshape(-1) - space.start]
-        return actions.astype(np.float32).reshape(len(actions), -1)
+        return encode_action_array(space, actions)
 
     train_eps = _episode_data(bounds, train_ids, mu, logvar, arrays, encode)
     heldout_eps = _episode_data(bounds, heldout_ids, mu, logvar, arrays, encode)
@@ -304,7 +318,6 @@ def train_world_model(
     m_metrics = mdnrnn_heldout_metrics(mdnrnn, heldout_eps, config.mdnrnn)
 
     first = bounds[train_ids, 0][: config.initial_states]
-    returns = [float(arrays["rewards"][s:e].sum()) for s, e in bounds]
     recipe = dataclasses.asdict(config)
     if vae_from is not None:
         recipe["vae_from"] = str(vae_from)
@@ -313,9 +326,7 @@ def train_world_model(
         action_space=space, frame_spec=frame_spec, max_episode_steps=make_source_env_limit(env_id),
         default_temperature=config.default_temperature,
         info={
-            "data": {"rollouts": [str(p) for p in paths], "episodes": int(len(bounds)), "steps": int(len(mu)),
-                     "train_episodes": int(len(train_ids)), "heldout_episodes": int(len(heldout_ids)),
-                     "episode_return_mean": float(np.mean(returns)), "episode_length_mean": float(np.mean(bounds[:, 1] - bounds[:, 0]))},
+            "data": data_summary(paths, bounds, arrays["rewards"], train_ids, heldout_ids),
             "heldout": {"vae": vae_metrics, "mdnrnn": m_metrics},
             "done_pos_weight": pos_weight,
             "recipe": recipe,

@@ -1,10 +1,10 @@
-"""WorldModel: V + M + metadata, saved as a bundle directory (safetensors + manifest.json with hashes, never pickle)."""
+"""WorldModel: V + M (or an RSSM) + metadata, saved as a bundle directory (safetensors + manifest.json with hashes, never pickle)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,18 @@ from safetensors.torch import load_file, save_file
 
 from dreamenv.data.preprocess import FrameSpec, preprocess_frame
 from dreamenv.models.mdnrnn import MDNRNN
+from dreamenv.models.rssm import RSSM, RSSMConfig
 from dreamenv.models.vae import ConvVAE, frames_to_tensor
 from dreamenv.spaces import space_from_json, space_to_json
 
 BUNDLE_FORMAT = "dreamenv-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-WEIGHT_FILES = ("vae.safetensors", "mdnrnn.safetensors", "initial_states.safetensors")
+WEIGHT_FILES = {
+    "mdnrnn": ("vae.safetensors", "mdnrnn.safetensors", "initial_states.safetensors"),
+    "rssm": ("rssm.safetensors", "initial_states.safetensors"),
+}
+MODEL_KINDS = tuple(WEIGHT_FILES)
 
 
 class BundleError(ValueError):
@@ -55,11 +60,12 @@ def action_dim(space: gym.Space) -> int:
 
 @dataclass
 class WorldModel:
-    """A trained V (ConvVAE) and M (MDN-RNN) with everything needed to dream or to see the real env through them."""
+    """A trained world model with everything needed to dream or to see the real env through it: either V (ConvVAE)
+    and M (MDN-RNN), model_kind "mdnrnn", or one RSSM (its own encoder and decoder), model_kind "rssm"."""
 
-    vae: ConvVAE
-    mdnrnn: MDNRNN
-    initial_z: torch.Tensor  # (K, z_dim) bank of encoded first frames; reset draws z_0 from it
+    vae: ConvVAE | None
+    mdnrnn: MDNRNN | None
+    initial_z: torch.Tensor  # (K, z_dim) bank of first-frame latents (V's means, or RSSM posterior modes); reset draws z_0 from it
     env_id: str
     action_space: gym.Space
     frame_spec: FrameSpec
@@ -67,18 +73,36 @@ class WorldModel:
     default_temperature: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)  # training data summary, held-out metrics, recipe
     fingerprint: str = ""  # sha256 over the weight files' hashes; ties controllers to this bundle
+    rssm: RSSM | None = None
 
     def __post_init__(self) -> None:
-        self.vae.eval()
-        self.mdnrnn.eval()
+        v_and_m = self.vae is not None and self.mdnrnn is not None and self.rssm is None
+        rssm_only = self.rssm is not None and self.vae is None and self.mdnrnn is None
+        if not (v_and_m or rssm_only):
+            raise ValueError("a WorldModel holds either vae and mdnrnn, or rssm (with vae=None and mdnrnn=None)")
+        for module in (self.vae, self.mdnrnn, self.rssm):
+            if module is not None:
+                module.eval()
+
+    @property
+    def model_kind(self) -> str:
+        """"mdnrnn" (V + M) or "rssm"."""
+        return "rssm" if self.rssm is not None else "mdnrnn"
 
     @property
     def z_dim(self) -> int:
-        return self.vae.z_dim
+        """Width of the stochastic latent: V's z, or the RSSM's flattened one-hot categoricals."""
+        return self.rssm.z_dim if self.rssm is not None else self.vae.z_dim
 
     @property
     def hidden_size(self) -> int:
-        return self.mdnrnn.hidden_size
+        """Width of the recurrent state: M's LSTM, or the RSSM's GRU."""
+        return self.rssm.deter_dim if self.rssm is not None else self.mdnrnn.hidden_size
+
+    @property
+    def action_dim(self) -> int:
+        """Width of an encoded action."""
+        return self.rssm.action_dim if self.rssm is not None else self.mdnrnn.action_dim
 
     @property
     def latent_obs_dim(self) -> int:
@@ -95,6 +119,9 @@ class WorldModel:
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (N, 64, 64, 3) frames -> V's mean latents (N, z_dim)."""
+        if self.vae is None:
+            raise ValueError("an RSSM encodes a frame only together with its recurrent state: use "
+                             "dreamenv.envs.real.latent_filter(world_model) to follow real frames")
         return self.vae.encode(frames_to_tensor(frames))[0]
 
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
@@ -105,14 +132,18 @@ class WorldModel:
         """Write the bundle directory: weights as safetensors, manifest.json with sha256 of every file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "vae.safetensors": self.vae.state_dict(),
-            "mdnrnn.safetensors": self.mdnrnn.state_dict(),
-            "initial_states.safetensors": {"z": self.initial_z},
-        }
+        if self.rssm is not None:
+            tensors = {"rssm.safetensors": self.rssm.state_dict()}
+            dims = {"z_dim": self.z_dim, "hidden_size": self.hidden_size, "stoch": self.rssm.config.stoch,
+                    "classes": self.rssm.config.classes, "action_dim": self.action_dim}
+        else:
+            tensors = {"vae.safetensors": self.vae.state_dict(), "mdnrnn.safetensors": self.mdnrnn.state_dict()}
+            dims = {"z_dim": self.z_dim, "hidden_size": self.hidden_size, "num_gaussians": self.mdnrnn.num_gaussians,
+                    "action_dim": self.action_dim}
+        tensors["initial_states.safetensors"] = {"z": self.initial_z}
         for name, state in tensors.items():
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path / name))
-        hashes = {name: sha256_file(path / name) for name in WEIGHT_FILES}
+        hashes = {name: sha256_file(path / name) for name in WEIGHT_FILES[self.model_kind]}
         self.fingerprint = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -124,14 +155,8 @@ class WorldModel:
                 "python": platform.python_version(),
             },
             "env_id": self.env_id,
-            "model_kind": "mdnrnn",
-            "dims": {
-                "z_dim": self.z_dim,
-                "hidden_size": self.hidden_size,
-                "num_gaussians": self.mdnrnn.num_gaussians,
-                "action_dim": self.mdnrnn.action_dim,
-                "initial_states": int(self.initial_z.shape[0]),
-            },
+            "model_kind": self.model_kind,
+            "dims": {**dims, "initial_states": int(self.initial_z.shape[0])},
             "action_space": space_to_json(self.action_space),
             "frame_spec": self.frame_spec.to_json(),
             "max_episode_steps": self.max_episode_steps,
@@ -139,6 +164,8 @@ class WorldModel:
             "info": self.info,
             "files": hashes,
         }
+        if self.rssm is not None:
+            manifest["rssm"] = asdict(self.rssm.config)
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return path
 
@@ -152,7 +179,8 @@ class WorldModel:
                 f"{path} is a world model of {manifest['env_id']}, not of {env_id}: "
                 f"use a bundle trained on {env_id} (dreamenv train ...)."
             )
-        for name in WEIGHT_FILES:
+        kind = manifest["model_kind"]
+        for name in WEIGHT_FILES[kind]:
             file = path / name
             if not file.is_file():
                 raise BundleError(f"{file} is missing: the bundle is incomplete; copy or re-save the whole bundle directory.")
@@ -162,14 +190,20 @@ class WorldModel:
                     "restore the bundle from its source."
                 )
         dims = manifest["dims"]
-        vae = ConvVAE(dims["z_dim"])
-        vae.load_state_dict(load_file(str(path / "vae.safetensors")))
-        mdnrnn = MDNRNN(dims["z_dim"], dims["action_dim"], dims["hidden_size"], dims["num_gaussians"])
-        mdnrnn.load_state_dict(load_file(str(path / "mdnrnn.safetensors")))
+        vae = mdnrnn = rssm = None
+        if kind == "rssm":
+            rssm = RSSM(RSSMConfig.from_dict(manifest["rssm"]), dims["action_dim"])
+            rssm.load_state_dict(load_file(str(path / "rssm.safetensors")))
+        else:
+            vae = ConvVAE(dims["z_dim"])
+            vae.load_state_dict(load_file(str(path / "vae.safetensors")))
+            mdnrnn = MDNRNN(dims["z_dim"], dims["action_dim"], dims["hidden_size"], dims["num_gaussians"])
+            mdnrnn.load_state_dict(load_file(str(path / "mdnrnn.safetensors")))
         initial_z = load_file(str(path / "initial_states.safetensors"))["z"]
         model = cls(
             vae=vae,
             mdnrnn=mdnrnn,
+            rssm=rssm,
             initial_z=initial_z,
             env_id=manifest["env_id"],
             action_space=space_from_json(manifest["action_space"]),
@@ -202,6 +236,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{path} has bundle format {manifest.get('format_version')}, newer than this dreamenv "
             f"({package_version('dreamenv')}) reads ({BUNDLE_FORMAT_VERSION}): pip install -U dreamenv."
         )
-    if manifest.get("model_kind") != "mdnrnn":
-        raise BundleError(f"{path} holds a '{manifest.get('model_kind')}' world model, which this dreamenv cannot load.")
+    if manifest.get("model_kind") not in MODEL_KINDS:
+        raise BundleError(
+            f"{path} holds a '{manifest.get('model_kind')}' world model, which this dreamenv cannot load "
+            f"(it reads {', '.join(MODEL_KINDS)}): pip install -U dreamenv."
+        )
     return manifest

@@ -13,7 +13,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from dreamenv.envs.dream import DONE_MODES, DreamCore, Noise
+from dreamenv.envs.dream import DONE_MODES, dream_core
+from dreamenv.envs.real import latent_filter
 from dreamenv.registry import load_world_model, resolve_controller
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -124,7 +125,7 @@ def load_controller(controller: str | Path, bundle: Any = None) -> LinearControl
 
 @dataclass(frozen=True)
 class ControllerPolicy:
-    """A collection policy factory: the controller acts on frames seen through its bundle's V and M, as in RealEnv."""
+    """A collection policy factory: the controller acts on frames seen through its bundle's world model, as in RealEnv."""
 
     bundle: str
     controller: str
@@ -136,15 +137,11 @@ class ControllerPolicy:
     def __call__(self, env: gym.Env) -> Callable[[Any, np.ndarray], Any]:
         wm = load_world_model(self.bundle)
         ctrl = load_controller(self.controller, wm)
-        h = torch.zeros(1, wm.hidden_size)
-        c = torch.zeros_like(h)
+        tracker = latent_filter(wm)
 
         def act(obs: Any, frame: np.ndarray) -> Any:
-            nonlocal h, c
-            z = wm.encode_frames(frame[None])
-            action = ctrl.act(torch.cat([z, h], dim=-1)[0].numpy())
-            with torch.inference_mode():
-                h, c = wm.mdnrnn.step(z, wm.encode_actions(np.asarray(action)[None]), h, c)
+            action = ctrl.act(tracker.observe(frame[None])[0])
+            tracker.advance(np.asarray(action)[None])
             return action
 
         return act
@@ -166,7 +163,7 @@ def dream_returns(
     population can give each row its own controller. Finished rows drop out of the batch.
     temperature is one float or an (n,) array, one per dream (randomised temperature).
     """
-    core = DreamCore(world_model)
+    core = dream_core(world_model)
     max_steps = max_steps or world_model.max_episode_steps
     state = core.initial_state(rng.integers(0, world_model.initial_z.shape[0], size=n))
     per_row_tau = np.ndim(temperature) > 0
@@ -179,8 +176,7 @@ def dream_returns(
     for _ in range(max_steps):
         actions = policy(core.latent_obs(state), rows)
         m = len(rows)
-        noise = Noise(rng.random((m, core.z_dim), dtype=np.float32),
-                      rng.standard_normal((m, core.z_dim), dtype=np.float32), rng.random(m, dtype=np.float32))
+        noise = core.draw_noise(rng, m)
         state, reward, terminated = core.step(state, world_model.encode_actions(actions), tau, noise, done_mode, done_threshold)
         returns[rows] += reward
         lengths[rows] += 1

@@ -179,9 +179,9 @@ def _policy_name(policy: str | PolicyFactory) -> str:
         return str(policy.name)
     if callable(policy):
         return f"{policy.__module__}:{policy.__qualname__}"
-    if policy in ("random", "brownian"):
+    if policy in ("random", "brownian", "drive"):
         return policy
-    raise ValueError(f"unknown policy {policy!r}; use 'random', 'brownian', 'controller' or a policy factory callable")
+    raise ValueError(f"unknown policy {policy!r}; use 'random', 'brownian', 'drive', 'controller' or a policy factory callable")
 
 
 def _plan_shards(episodes: int, per_shard: int) -> dict[int, tuple[int, int]]:
@@ -400,7 +400,36 @@ def _episode_policy(policy: str | PolicyFactory, env: gym.Env, seed: int) -> Pol
         return lambda obs, frame: space.sample()
     if policy == "brownian":
         return _brownian_policy(env.action_space, np.random.default_rng(seed))
+    if policy == "drive":
+        return _driving_policy(env.action_space, np.random.default_rng(seed))
     raise ValueError(f"unknown policy {policy!r}")
+
+
+def _driving_policy(space: gym.Space, rng: np.random.Generator) -> PolicyFn:
+    """CarRacing exploration that moves the car: steering a mean-reverting random walk, gas held, brief brakes.
+
+    Uniform or brownian gas and brake cancel out (the car barely leaves the start), so random data
+    would never show the track at speed. Gas and brake are redrawn every 5..20 steps.
+    """
+    driving = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
+    if not isinstance(space, gym.spaces.Box) or space.shape != (3,) or not (
+        np.allclose(space.low, driving.low) and np.allclose(space.high, driving.high)
+    ):
+        raise ValueError(f"the drive policy is for CarRacing's (steer, gas, brake) actions {driving}, got {space}; "
+                         "use --policy brownian or random")
+    steer, gas, brake, hold = 0.0, 1.0, 0.0, 0
+
+    def step(obs: Any, frame: np.ndarray) -> np.ndarray:
+        nonlocal steer, gas, brake, hold
+        steer = float(np.clip(0.9 * steer + rng.normal(0.0, 0.3), -1.0, 1.0))
+        if hold == 0:
+            gas = float(rng.uniform(0.3, 1.0))
+            brake = float(rng.uniform(0.2, 0.8)) if rng.random() < 0.1 else 0.0
+            hold = int(rng.integers(5, 21))
+        hold -= 1
+        return np.array([steer, gas, brake], space.dtype)
+
+    return step
 
 
 def _brownian_policy(space: gym.Space, rng: np.random.Generator) -> PolicyFn:

@@ -179,13 +179,15 @@ def iterate_frame_batches(
 
 @dataclass
 class EpisodeData:
-    """One episode as M trains on it: V's latents (mean, log-variance), encoded actions, rewards, terminations."""
+    """One episode as a sequence model trains on it: per-step inputs (V's latents for M, or the indices of the
+    episode's frames in a frame array for the RSSM), encoded actions, rewards, terminations."""
 
-    mu: np.ndarray
-    logvar: np.ndarray
+    mu: np.ndarray | None
+    logvar: np.ndarray | None
     actions: np.ndarray
     rewards: np.ndarray
     terminated: np.ndarray
+    frame_index: np.ndarray | None = None  # (T,) int64 rows of the episode's frames, for models that read pixels
 
 
 def sequence_batches(
@@ -193,11 +195,12 @@ def sequence_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled pass over episode pieces of at most seq_len steps, grouped by length to limit padding.
 
-    Yields mu and logvar (B, T + 1, z) holding z_t and z_{t+1}, actions (B, T, a), rewards and dones
-    (B, T), step_mask (real steps) and next_mask (steps whose z_{t+1} is stored: not an episode's last).
+    Yields mu and logvar (B, T + 1, z) holding z_t and z_{t+1} (or, for episodes with frame_index, frame_index
+    (B, T + 1) int64), actions (B, T, a), rewards and dones (B, T), step_mask (real steps) and next_mask (steps
+    whose z_{t+1} is stored: not an episode's last).
     """
-    pieces = [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e.mu), seq_len)]
-    pieces.sort(key=lambda p: min(len(episodes[p[0]].mu) - p[1], seq_len))
+    pieces = [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e.actions), seq_len)]
+    pieces.sort(key=lambda p: min(len(episodes[p[0]].actions) - p[1], seq_len))
     groups = [pieces[k : k + batch_size] for k in range(0, len(pieces), batch_size)]
     for g in rng.permutation(len(groups)):
         yield _pad_pieces(episodes, groups[g], seq_len)
@@ -205,24 +208,31 @@ def sequence_batches(
 
 def _pad_pieces(episodes: list[EpisodeData], group: list[tuple[int, int]], seq_len: int) -> dict[str, torch.Tensor]:
     """Stack (episode, start) pieces into zero-padded arrays with masks."""
-    lengths = [min(len(episodes[i].mu) - s, seq_len) for i, s in group]
+    lengths = [min(len(episodes[i].actions) - s, seq_len) for i, s in group]
     steps, rows = max(lengths), len(group)
-    z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
+    a_dim = episodes[0].actions.shape[1]
     out = {
-        "mu": np.zeros((rows, steps + 1, z_dim), np.float32),
-        "logvar": np.full((rows, steps + 1, z_dim), -20.0, np.float32),  # padding: no sampling noise
         "actions": np.zeros((rows, steps, a_dim), np.float32),
         "rewards": np.zeros((rows, steps), np.float32),
         "dones": np.zeros((rows, steps), np.float32),
         "step_mask": np.zeros((rows, steps), np.float32),
         "next_mask": np.zeros((rows, steps), np.float32),
     }
+    if episodes[0].mu is not None:
+        z_dim = episodes[0].mu.shape[1]
+        out["mu"] = np.zeros((rows, steps + 1, z_dim), np.float32)
+        out["logvar"] = np.full((rows, steps + 1, z_dim), -20.0, np.float32)  # padding: no sampling noise
+    if episodes[0].frame_index is not None:
+        out["frame_index"] = np.zeros((rows, steps + 1), np.int64)  # padding points at row 0, masked out
     for row, ((i, s), length) in enumerate(zip(group, lengths)):
         e = episodes[i]
         stop = s + length
-        extra = min(stop + 1, len(e.mu)) - s  # z_{t+1} of the piece's last step, when the episode has it
-        out["mu"][row, :extra] = e.mu[s : s + extra]
-        out["logvar"][row, :extra] = e.logvar[s : s + extra]
+        extra = min(stop + 1, len(e.actions)) - s  # z_{t+1} of the piece's last step, when the episode has it
+        if "mu" in out:
+            out["mu"][row, :extra] = e.mu[s : s + extra]
+            out["logvar"][row, :extra] = e.logvar[s : s + extra]
+        if "frame_index" in out:
+            out["frame_index"][row, :extra] = e.frame_index[s : s + extra]
         out["actions"][row, :length] = e.actions[s:stop]
         out["rewards"][row, :length] = e.rewards[s:stop]
         out["dones"][row, :length] = e.terminated[s:stop]

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from gymnasium.utils import EzPickle
 
+from dreamenv.envs.noise import Noise, NoiseBuffer, draw_noise
+from dreamenv.envs.rssm_core import RSSMDreamCore
 from dreamenv.envs.spaces import check_action, observation_space
 from dreamenv.models.mdnrnn import MDNOutput, sample_mdn
 from dreamenv.models.vae import tensor_to_frames
@@ -26,49 +28,9 @@ class DreamState(NamedTuple):
     c: torch.Tensor
 
 
-class Noise(NamedTuple):
-    """The random numbers of one dream step for N envs: mixture choice, Gaussian noise, done draw."""
-
-    uniform: np.ndarray  # (N, z_dim)
-    normal: np.ndarray  # (N, z_dim)
-    done: np.ndarray  # (N,)
-
-
-class NoiseBuffer:
-    """Per-env noise drawn in blocks from each env's own generator: N batched dreams draw exactly what N single dreams do."""
-
-    def __init__(self, num_envs: int, z_dim: int, block: int = 128) -> None:
-        self.block = block
-        self.uniform = np.zeros((num_envs, block, z_dim), np.float32)
-        self.normal = np.zeros((num_envs, block, z_dim), np.float32)
-        self.done = np.zeros((num_envs, block), np.float32)
-        self.pos = np.full(num_envs, block)
-        self._rows = np.arange(num_envs)
-
-    def clear(self, envs: np.ndarray | slice | int) -> None:
-        """Forget buffered draws (on reset), so an episode's draws start fresh from its generator."""
-        self.pos[envs] = self.block
-
-    def draw(self, rngs: list[np.random.Generator], active: np.ndarray | None = None) -> Noise:
-        """The next step's noise; only `active` envs (default all) consume draws."""
-        stale = self.pos >= self.block if active is None else (self.pos >= self.block) & active
-        for i in np.flatnonzero(stale):
-            rng = rngs[i]
-            self.uniform[i] = rng.random(self.uniform.shape[1:], dtype=np.float32)
-            self.normal[i] = rng.standard_normal(self.normal.shape[1:], dtype=np.float32)
-            self.done[i] = rng.random(self.block, dtype=np.float32)
-            self.pos[i] = 0
-        pos = np.minimum(self.pos, self.block - 1)
-        noise = Noise(self.uniform[self._rows, pos], self.normal[self._rows, pos], self.done[self._rows, pos])
-        if active is None:
-            self.pos += 1
-        else:
-            self.pos[active] += 1
-        return noise
-
-
 class DreamCore:
-    """Batched dream dynamics shared by DreamVectorEnv, CMA-ES and evaluation.
+    """Batched MDN-RNN dream dynamics shared by DreamVectorEnv, CMA-ES and evaluation (RSSMDreamCore: the same
+    methods for the RSSM; dream_core() picks by model kind).
 
     The step works in preallocated buffers (fresh multi-MB tensors each step cost page faults): the LSTM
     gates alternate between two buffers, so a state stays valid for one more step and is then overwritten.
@@ -82,6 +44,7 @@ class DreamCore:
         self.action_dim = world_model.mdnrnn.action_dim
         self.num_gaussians = world_model.mdnrnn.num_gaussians
         self.lstm_weight, self.lstm_bias, self.head_weight, self.head_bias = world_model.mdnrnn.fused_weights()
+        self.noise_dims = (self.z_dim, self.z_dim)  # mixture choice and Gaussian noise per latent dim
         self._capacity = 0
         self._flip = 0
 
@@ -103,6 +66,10 @@ class DreamCore:
     def draw_initial(self, rng: np.random.Generator) -> int:
         """Index of a random entry of the initial-state bank."""
         return int(rng.integers(0, self.wm.initial_z.shape[0]))
+
+    def draw_noise(self, rng: np.random.Generator, n: int) -> Noise:
+        """One step's noise for n dreams drawn from one generator."""
+        return draw_noise(rng, n, *self.noise_dims)
 
     @torch.inference_mode()
     def step(
@@ -134,6 +101,11 @@ class DreamCore:
         terminated = noise.done < done_prob if done_mode == "sample" else done_prob > done_threshold
         return DreamState(z, h, c), out.reward.numpy().astype(np.float32), terminated
 
+    @torch.inference_mode()
+    def done_probability(self, state: DreamState) -> np.ndarray:
+        """The done head's p(done) (N,) for the step that led to `state` (M's head reads h_{t+1})."""
+        return torch.sigmoid(self.wm.mdnrnn.done_head(state.h).squeeze(-1)).numpy()
+
     def latent_obs(self, state: DreamState) -> np.ndarray:
         """concat(z_t, h_t) as float32 (N, z_dim + hidden)."""
         return torch.cat([state.z, state.h], dim=-1).numpy()
@@ -155,6 +127,7 @@ class SingleDream:
     def __init__(self, world_model: WorldModel) -> None:
         self.wm = world_model
         self.z_dim, self.hidden = world_model.z_dim, world_model.hidden_size
+        self.noise_dims = (self.z_dim, self.z_dim)
         self.k = world_model.mdnrnn.num_gaussians
         weights = world_model.mdnrnn.fused_weights()
         self.lstm_weight, self.lstm_bias, self.head_weight, self.head_bias = (w.numpy() for w in weights)
@@ -168,9 +141,10 @@ class SingleDream:
         z = self.initial_z[int(rng.integers(0, self.initial_z.shape[0]))].copy()
         return z, np.zeros(self.hidden, np.float32), np.zeros(self.hidden, np.float32)
 
-    def step(self, z: np.ndarray, h: np.ndarray, c: np.ndarray, action: np.ndarray, temperature: float, noise: Noise,
-             done_mode: str, done_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
-        """(z, h, c, a) -> (z', h', c', reward, terminated)."""
+    def step(self, state: tuple[np.ndarray, np.ndarray, np.ndarray], action: np.ndarray, temperature: float, noise: Noise,
+             done_mode: str, done_threshold: float) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float, bool]:
+        """((z, h, c), a) -> ((z', h', c'), reward, terminated)."""
+        z, h, c = state
         hid = self.hidden
         a = self.one_hot[int(action) - int(self.wm.action_space.start)] if self.one_hot is not None else action.reshape(-1)
         gates = np.concatenate([z, a, h]) @ self.lstm_weight + self.lstm_bias
@@ -187,18 +161,69 @@ class SingleDream:
         z = (mu[self.component, index] + sigma * np.sqrt(temperature) * noise.normal[0]).astype(np.float32)
         done_prob = 0.5 * (1.0 + np.tanh(0.5 * out[-1]))  # sigmoid, without overflow for large logits
         terminated = noise.done[0] < done_prob if done_mode == "sample" else done_prob > done_threshold
-        return z, h.astype(np.float32), c.astype(np.float32), float(out[-2]), bool(terminated)
+        return (z, h.astype(np.float32), c.astype(np.float32)), float(out[-2]), bool(terminated)
+
+    def latent_obs(self, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """concat(z_t, h_t), float32."""
+        return np.concatenate([state[0], state[1]])
+
+    @torch.inference_mode()
+    def pixels(self, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """V's decoding of z_t, uint8 (64, 64, 3)."""
+        return tensor_to_frames(self.wm.vae.decode(torch.from_numpy(state[0])[None]))[0]
+
+
+class BatchOfOneDream:
+    """One env's dream as a batch of one through a batched core: the single-env path of models without a numpy one."""
+
+    def __init__(self, world_model: WorldModel, core: DreamCore | RSSMDreamCore) -> None:
+        self.wm = world_model
+        self.core = core
+        self.noise_dims = core.noise_dims
+
+    def reset(self, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """A batch-of-one initial state, drawn from the bank as the batched core draws it."""
+        return self.core.initial_state(np.array([self.core.draw_initial(rng)]))
+
+    def step(self, state: tuple[torch.Tensor, ...], action: np.ndarray, temperature: float, noise: Noise,
+             done_mode: str, done_threshold: float) -> tuple[tuple[torch.Tensor, ...], float, bool]:
+        """(state, a) -> (state', reward, terminated)."""
+        actions = self.wm.encode_actions(np.asarray(action)[None])
+        state, reward, terminated = self.core.step(state, actions, temperature, noise, done_mode, done_threshold)
+        return state, float(reward[0]), bool(terminated[0])
+
+    def latent_obs(self, state: tuple[torch.Tensor, ...]) -> np.ndarray:
+        """The latent observation of the one env."""
+        return self.core.latent_obs(state)[0]
+
+    def pixels(self, state: tuple[torch.Tensor, ...]) -> np.ndarray:
+        """The decoded frame of the one env, uint8 (64, 64, 3)."""
+        return self.core.pixels(state)[0]
+
+
+def dream_core(world_model: WorldModel) -> DreamCore | RSSMDreamCore:
+    """The batched dream dynamics of a world model, by its kind (MDN-RNN or RSSM); both have the same methods."""
+    return RSSMDreamCore(world_model) if world_model.model_kind == "rssm" else DreamCore(world_model)
+
+
+def single_dream(world_model: WorldModel) -> SingleDream | BatchOfOneDream:
+    """The single-env dream of a world model: numpy for the MDN-RNN, a batch of one for the RSSM."""
+    if world_model.model_kind == "rssm":
+        return BatchOfOneDream(world_model, RSSMDreamCore(world_model))
+    return SingleDream(world_model)
 
 
 class DreamEnv(gym.Env, EzPickle):
-    """A world model as a gym.Env: observation concat(z, h) (or decoded pixels), reward and done from M's heads.
+    """A world model as a gym.Env: observation concat(z, h) (RSSM: concat(h, z)) or decoded pixels, reward and
+    done from the model's heads.
 
     Args:
-        bundle: a bundle directory or a shipped name such as "VizdoomTakeCover".
-        temperature: tau of the MDN sampling; None takes the bundle's default. Settable between episodes
-            through `env.unwrapped.temperature` or `reset(options={"temperature": tau})`.
-        obs_mode: "latent" (concat(z_t, h_t), float32) or "pixels" (64x64x3 uint8 decoded by V).
-        done_mode: "sample" (Bernoulli of M's done probability) or "threshold".
+        bundle: a bundle directory or a shipped name such as "VizdoomTakeCover"; an MDN-RNN or an RSSM bundle.
+        temperature: tau of the sampling (MDN mixture, or RSSM categorical logits / tau); None takes the
+            bundle's default. Settable between episodes through `env.unwrapped.temperature` or
+            `reset(options={"temperature": tau})`.
+        obs_mode: "latent" (the model's latent state, float32) or "pixels" (64x64x3 uint8 decoded frame).
+        done_mode: "sample" (Bernoulli of the done probability; RSSM: 1 - p(continue)) or "threshold".
         done_threshold: probability above which an episode ends in "threshold" mode.
         render_mode: None or "rgb_array" (the decoded frame).
     """
@@ -220,7 +245,7 @@ class DreamEnv(gym.Env, EzPickle):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.world_model = load_world_model(bundle)
-        self.dream = SingleDream(self.world_model)
+        self.dream = single_dream(self.world_model)
         self.temperature = self.world_model.default_temperature if temperature is None else float(temperature)
         check_temperature(self.temperature)
         self.obs_mode = obs_mode
@@ -229,16 +254,11 @@ class DreamEnv(gym.Env, EzPickle):
         self.render_mode = render_mode
         self.action_space = self.world_model.action_space
         self.observation_space = observation_space(self.world_model, obs_mode)
-        self._state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # z, h, c
-        self._noise = NoiseBuffer(1, self.world_model.z_dim)
+        self._state: tuple | None = None  # the model's state: (z, h, c) arrays, or a batch-of-one state
+        self._noise = NoiseBuffer(1, *self.dream.noise_dims)
 
     def _observation(self) -> np.ndarray:
-        z, h, _ = self._state
-        return np.concatenate([z, h]) if self.obs_mode == "latent" else self._pixels()
-
-    @torch.inference_mode()
-    def _pixels(self) -> np.ndarray:
-        return tensor_to_frames(self.world_model.vae.decode(torch.from_numpy(self._state[0])[None]))[0]
+        return self.dream.latent_obs(self._state) if self.obs_mode == "latent" else self.dream.pixels(self._state)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -253,16 +273,15 @@ class DreamEnv(gym.Env, EzPickle):
             raise gym.error.ResetNeeded("call reset() before step()")
         action = check_action(self.action_space, action)
         noise = self._noise.draw([self.np_random])
-        *state, reward, terminated = self.dream.step(
-            *self._state, action, self.temperature, noise, self.done_mode, self.done_threshold
+        self._state, reward, terminated = self.dream.step(
+            self._state, action, self.temperature, noise, self.done_mode, self.done_threshold
         )
-        self._state = tuple(state)
         return self._observation(), reward, terminated, False, {}
 
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array" or self._state is None:
             return None
-        return self._pixels()
+        return self.dream.pixels(self._state)
 
 
 def check_temperature(temperature: float) -> float:

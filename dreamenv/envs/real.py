@@ -1,4 +1,5 @@
-"""RealEnv: the real game seen through the bundle's V and M, so its observations match the dream's."""
+"""RealEnv: the real game seen through the bundle's world model (V + M, or the RSSM's posterior filter), so its
+observations match the dream's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,14 +12,89 @@ from gymnasium.utils import EzPickle
 
 from dreamenv.data.preprocess import extract_frame
 from dreamenv.data.sources import make_source_env
+from dreamenv.envs.dream import DreamState
+from dreamenv.envs.rssm_core import RSSMState
 from dreamenv.envs.spaces import check_action, observation_space
+from dreamenv.models.rssm import mode_one_hot
+from dreamenv.models.vae import frames_to_tensor
 from dreamenv.registry import load_world_model
+from dreamenv.worldmodel import WorldModel
+
+
+class MDNFilter:
+    """Follows n real episodes with V + M: z_t = V's mean of frame t, h_{t+1} = M(z_t, a_t, h_t), h_0 = 0."""
+
+    def __init__(self, world_model: WorldModel, n: int = 1) -> None:
+        self.wm = world_model
+        self.n = n
+        self.reset()
+
+    def reset(self) -> None:
+        """New episodes: h_0 = c_0 = 0."""
+        self.h = torch.zeros(self.n, self.wm.hidden_size)
+        self.c = torch.zeros_like(self.h)
+        self.z: torch.Tensor | None = None
+
+    def observe(self, frames: np.ndarray) -> np.ndarray:
+        """Take in frames (n, 64, 64, 3) uint8; returns the latent observations concat(z_t, h_t), (n, obs_dim)."""
+        self.z = self.wm.encode_frames(frames)
+        return torch.cat([self.z, self.h], dim=-1).numpy()
+
+    @torch.inference_mode()
+    def advance(self, actions: np.ndarray) -> None:
+        """Step M's recurrent state with the last observed latents and the actions taken (n of them)."""
+        self.h, self.c = self.wm.mdnrnn.step(self.z, self.wm.encode_actions(actions), self.h, self.c)
+
+    def dream_state(self) -> DreamState:
+        """The current state as DreamCore's state, to dream on from here."""
+        return DreamState(self.z.clone(), self.h.clone(), self.c.clone())
+
+
+class RSSMFilter:
+    """Follows n real episodes with the RSSM's posterior: z_t = mode of q(z | h_t, frame t), h_{t+1} = GRU(h_t, [z_t, a_t]).
+
+    The posterior's mode (not a sample) keeps the real observation a deterministic function of the frames, as
+    V's mean does for the MDN-RNN; the first step's mode is what the dream's initial-state bank holds.
+    """
+
+    def __init__(self, world_model: WorldModel, n: int = 1) -> None:
+        self.wm = world_model
+        self.model = world_model.rssm
+        self.n = n
+        self.reset()
+
+    def reset(self) -> None:
+        """New episodes: h_0 = 0."""
+        self.deter = self.model.initial_deter(self.n)
+        self.stoch: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def observe(self, frames: np.ndarray) -> np.ndarray:
+        """Take in frames (n, 64, 64, 3) uint8; returns the latent observations concat(h_t, z_t), (n, obs_dim)."""
+        embed = self.model.encode(frames_to_tensor(frames))
+        self.stoch = mode_one_hot(self.model.posterior(self.deter, embed)).flatten(1)
+        return self.model.feature(self.deter, self.stoch).numpy()
+
+    @torch.inference_mode()
+    def advance(self, actions: np.ndarray) -> None:
+        """Step the GRU state with the last observed latents and the actions taken (n of them)."""
+        self.deter = self.model.recur(self.deter, self.stoch, self.wm.encode_actions(actions))
+
+    def dream_state(self) -> RSSMState:
+        """The current state as RSSMDreamCore's state, to dream on from here."""
+        return RSSMState(self.deter.clone(), self.stoch.clone())
+
+
+def latent_filter(world_model: WorldModel, n: int = 1) -> MDNFilter | RSSMFilter:
+    """The filter that turns n real episodes' frames and actions into the dream's latent observations, by model kind."""
+    return RSSMFilter(world_model, n) if world_model.model_kind == "rssm" else MDNFilter(world_model, n)
 
 
 class RealEnv(gym.Env, EzPickle):
-    """The bundle's real env with the dream's observation: concat(z_t, h_t) (or the preprocessed frame).
+    """The bundle's real env with the dream's observation: the latent state (or the preprocessed frame).
 
-    z_t is V's mean latent of the real frame; h_t is M's LSTM state after (z_<t, a_<t), stepped in the same
+    MDN-RNN: concat(z_t, h_t), z_t V's mean latent of the real frame, h_t M's LSTM state after (z_<t, a_<t).
+    RSSM: concat(h_t, z_t), z_t the posterior's mode given h_t and the real frame. Both are stepped in the same
     order as the dream. Reward, termination and truncation come from the game.
     """
 
@@ -44,31 +120,26 @@ class RealEnv(gym.Env, EzPickle):
         self.env = make_source_env(
             self.world_model.env_id, render_mode="rgb_array" if needs_render else None, **(env_kwargs or {})
         )
-        self._frame: np.ndarray | None = None
-        self._z = self._h = self._c = None
+        self._filter = latent_filter(self.world_model)
+        self._started = False
 
     def _see(self, obs: Any) -> np.ndarray:
-        self._frame = extract_frame(obs, self.env, self.world_model.frame_spec)
-        self._z = self.world_model.encode_frames(self._frame[None])
-        if self.obs_mode == "latent":
-            return torch.cat([self._z, self._h], dim=-1)[0].numpy()
-        return self._frame
+        frame = extract_frame(obs, self.env, self.world_model.frame_spec)
+        latent = self._filter.observe(frame[None])[0]
+        return latent if self.obs_mode == "latent" else frame
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         obs, info = self.env.reset(seed=seed, options=options)
-        self._h = torch.zeros(1, self.world_model.hidden_size)
-        self._c = torch.zeros_like(self._h)
+        self._filter.reset()
+        self._started = True
         return self._see(obs), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        if self._z is None:
+        if not self._started:
             raise gym.error.ResetNeeded("call reset() before step()")
         action = check_action(self.action_space, action)
-        with torch.inference_mode():
-            self._h, self._c = self.world_model.mdnrnn.step(
-                self._z, self.world_model.encode_actions(action[None]), self._h, self._c
-            )
+        self._filter.advance(action[None])
         obs, reward, terminated, truncated, info = self.env.step(action)
         return self._see(obs), float(reward), bool(terminated), bool(truncated), info
 

@@ -21,8 +21,9 @@ def observation_space(world_model: WorldModel, obs_mode: str) -> gym.spaces.Box:
     raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
 
 
-def check_action(space: gym.Space, action: Any) -> np.ndarray:
-    """The action as an array in `space`, or a ValueError that names the problem and the expected form."""
+def check_action(space: gym.Space, action: Any) -> np.ndarray | np.int64:
+    """The action in `space` (Discrete: an np.int64 scalar as Discrete.sample() gives, never a 0-d array, which
+    ViZDoom silently reads as "press every button"; Box: an array), or a ValueError naming the problem."""
     if isinstance(space, gym.spaces.Discrete):
         array = np.asarray(action)
         if array.size != 1 or not np.issubdtype(array.dtype, np.integer):
@@ -35,7 +36,7 @@ def check_action(space: gym.Space, action: Any) -> np.ndarray:
         value = int(array.reshape(()))
         if not space.start <= value < space.start + space.n:
             raise ValueError(f"action {value} is outside {space}: expected an integer in [{space.start}, {space.start + space.n - 1}]")
-        return np.asarray(value, dtype=np.int64)
+        return np.int64(value)
     if isinstance(space, gym.spaces.Box):
         try:
             array = np.asarray(action, dtype=space.dtype)

@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from dreamenv.envs.dream import DONE_MODES, DreamCore, DreamState, NoiseBuffer, check_temperature
+from dreamenv.envs.dream import DONE_MODES, NoiseBuffer, check_temperature, dream_core
 from dreamenv.envs.spaces import observation_space
 from dreamenv.registry import load_world_model
 
@@ -46,7 +46,7 @@ class DreamVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.num_envs = int(num_envs)
         self.world_model = load_world_model(bundle)
-        self.core = DreamCore(self.world_model)
+        self.core = dream_core(self.world_model)
         self.obs_mode = obs_mode
         self.done_mode = done_mode
         self.done_threshold = float(done_threshold)
@@ -58,8 +58,8 @@ class DreamVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(self.num_envs)]
-        self._noise = NoiseBuffer(self.num_envs, self.world_model.z_dim)
-        self._state: DreamState | None = None
+        self._noise = NoiseBuffer(self.num_envs, *self.core.noise_dims)
+        self._state: tuple[torch.Tensor, ...] | None = None  # the core's batched state (a NamedTuple of tensors)
         self._elapsed = np.zeros(self.num_envs, np.int64)
         self._needs_reset = np.zeros(self.num_envs, bool)
 
@@ -70,7 +70,7 @@ class DreamVectorEnv(VectorEnv):
         return torch.from_numpy(values)
 
     def _reset_envs(self, envs: np.ndarray) -> None:
-        """Fresh episodes for the given env indices: z_0 from the bank, h_0 = c_0 = 0, new noise."""
+        """Fresh episodes for the given env indices: the latent from the bank, recurrent state 0, new noise."""
         index = np.array([self.core.draw_initial(self._rngs[i]) for i in envs], dtype=np.int64)
         fresh = self.core.initial_state(index)
         with torch.inference_mode():  # the state tensors come from inference-mode steps
@@ -96,8 +96,7 @@ class DreamVectorEnv(VectorEnv):
         mask = np.asarray(options.get("reset_mask", np.ones(self.num_envs, bool)), bool)
         if self._state is None:
             mask = np.ones(self.num_envs, bool)
-            empty = torch.zeros(self.num_envs, self.world_model.hidden_size)
-            self._state = DreamState(torch.zeros(self.num_envs, self.world_model.z_dim), empty, empty.clone())
+            self._state = self.core.initial_state(np.zeros(self.num_envs, np.int64))  # every row is reset below
         self._reset_envs(np.flatnonzero(mask))
         self._needs_reset[mask] = False
         return self.core.observe(self._state, self.obs_mode), {}

@@ -1,0 +1,243 @@
+"""Train the RSSM world model on rollout stores, resumably, and write its bundle (the same format, model_kind "rssm")."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from dreamenv.checkpointing import load_checkpoint, save_checkpoint
+from dreamenv.data.dataset import EpisodeData, sequence_batches, split_episode_ids
+from dreamenv.metrics import DoneScores
+from dreamenv.models.rssm import (
+    RSSM, RSSMConfig, categorical_kl, mode_one_hot, straight_through_sample, symexp, symlog,
+)
+from dreamenv.models.vae import frames_to_tensor
+from dreamenv.train import CHECKPOINT_SECONDS, data_summary, encode_action_array, load_rollout_data, make_source_env_limit
+from dreamenv.worldmodel import WorldModel
+
+
+@dataclass
+class RSSMTrainConfig:
+    """The RSSM recipe: the model and its training (RSSMConfig), how the data is split, the dream's defaults."""
+
+    rssm: RSSMConfig = field(default_factory=RSSMConfig)
+    holdout_fraction: float = 0.1
+    seed: int = 0
+    default_temperature: float = 1.0
+    initial_states: int = 1000  # size of the bank of first-frame latents used by reset()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RSSMTrainConfig":
+        """From a recipe's [train] table with an [train.rssm] table; V and M settings are refused, not ignored."""
+        data = dict(data)
+        rssm = RSSMConfig.from_dict(data.pop("rssm", {}))
+        known = {f.name for f in dataclasses.fields(cls)} - {"rssm"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"settings {unknown} do not apply to an RSSM (its settings: [train.rssm] and {sorted(known)})")
+        return cls(rssm=rssm, **data)
+
+
+class SequencePosteriors(NamedTuple):
+    """An observed batch of sequences: states at t = 0..T and the prior/posterior of every step t = 1..T."""
+
+    deter: torch.Tensor  # (B, T + 1, deter)
+    stoch: torch.Tensor  # (B, T + 1, stoch * classes)
+    posterior: torch.Tensor  # (B, T, stoch, classes) log-probabilities
+    prior: torch.Tensor  # (B, T, stoch, classes) log-probabilities
+
+
+def batch_frames(frames: np.ndarray, frame_index: torch.Tensor) -> torch.Tensor:
+    """uint8 frames at frame_index (B, T + 1) -> float (B, T + 1, 3, 64, 64) in [0, 1]."""
+    picked = frames[frame_index.reshape(-1).numpy()]
+    return frames_to_tensor(picked).view(*frame_index.shape, 3, *picked.shape[1:3])
+
+
+def observe_sequences(model: RSSM, frames: torch.Tensor, actions: torch.Tensor, next_mask: torch.Tensor,
+                      sample: bool) -> SequencePosteriors:
+    """Filter frames (B, T + 1, 3, H, W) and actions (B, T, a) through the RSSM from h_0 = 0.
+
+    sample: straight-through samples (training) or modes (evaluation, as RealEnv). Where a step has no next
+    frame (next_mask 0: an episode's last step), z_{t+1} comes from the prior, as in the dream, without gradient.
+    """
+    batch, steps = actions.shape[:2]
+    pick = straight_through_sample if sample else mode_one_hot
+    embed = model.encode(frames.flatten(0, 1)).view(batch, steps + 1, -1)
+    deter = model.initial_deter(batch)
+    stoch = pick(model.posterior(deter, embed[:, 0])).flatten(1)
+    deters, stochs, posteriors, priors = [deter], [stoch], [], []
+    for t in range(steps):
+        deter = model.recur(deter, stoch, actions[:, t])
+        prior, posterior = model.prior(deter), model.posterior(deter, embed[:, t + 1])
+        seen = next_mask[:, t, None]
+        stoch = seen * pick(posterior).flatten(1) + (1 - seen) * pick(prior).flatten(1).detach()
+        deters.append(deter)
+        stochs.append(stoch)
+        posteriors.append(posterior)
+        priors.append(prior)
+    return SequencePosteriors(torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(posteriors, 1), torch.stack(priors, 1))
+
+
+def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray, sample: bool = True) -> dict[str, torch.Tensor]:
+    """DreamerV3's world-model loss on a sequence batch: image + reward (symlog) + continue + 0.5 dyn + 0.1 rep KL."""
+    config = model.config
+    x = batch_frames(frames, batch["frame_index"])
+    step_mask, next_mask = batch["step_mask"], batch["next_mask"]
+    seq = observe_sequences(model, x, batch["actions"], next_mask, sample)
+    feat = model.feature(seq.deter, seq.stoch)
+    recon = model.decode(feat.flatten(0, 1)).view_as(x)
+    frame_mask = torch.cat([step_mask[:, :1], next_mask], 1)
+    image_error = (recon - x).pow(2).sum((2, 3, 4))
+    image = (image_error * frame_mask).sum() / frame_mask.sum()
+    steps, seen = step_mask.sum(), next_mask.sum().clamp(min=1)
+    dyn_kl = categorical_kl(seq.posterior.detach(), seq.prior)
+    rep_kl = categorical_kl(seq.posterior, seq.prior.detach())
+    dyn = (dyn_kl.clamp(min=config.free_nats) * next_mask).sum() / seen
+    rep = (rep_kl.clamp(min=config.free_nats) * next_mask).sum() / seen
+    after = feat[:, 1:]
+    reward_pred = model.reward_head(after).squeeze(-1)
+    reward = ((reward_pred - symlog(batch["rewards"])).pow(2) * step_mask).sum() / steps
+    continue_logit = model.continue_logit(after)
+    cont = (F.binary_cross_entropy_with_logits(continue_logit, 1.0 - batch["dones"], reduction="none") * step_mask).sum() / steps
+    total = image + reward + cont + config.dyn_scale * dyn + config.rep_scale * rep
+    return {"loss": total, "image": image, "reward": reward, "continue": cont, "kl": (dyn_kl * next_mask).sum() / seen,
+            "reward_pred": reward_pred, "continue_logit": continue_logit}
+
+
+def count_batches(episodes: list[EpisodeData], config: RSSMConfig) -> int:
+    """Batches in one pass of sequence_batches over the episodes."""
+    pieces = sum(math.ceil(len(e.actions) / config.seq_len) for e in episodes)
+    return math.ceil(pieces / config.batch_size)
+
+
+def train_rssm(
+    episodes: list[EpisodeData], frames: np.ndarray, config: RSSMConfig, checkpoint_dir: Path, seed: int = 0,
+    progress: bool = True,
+) -> RSSM:
+    """Train the RSSM on episodes (with frame_index into frames), resuming from checkpoint_dir when it holds a run."""
+    if not episodes or episodes[0].frame_index is None:
+        raise ValueError("train_rssm needs at least one training episode with frame_index set")
+    torch.manual_seed(seed)
+    model = RSSM(config, episodes[0].actions.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
+    state = load_checkpoint(checkpoint_dir, model, optimizer) or {"epoch": 0, "batch": 0}
+    n_batches = count_batches(episodes, config)
+    bar = tqdm(total=config.epochs * n_batches, initial=state["epoch"] * n_batches + state["batch"],
+               desc="train RSSM", unit="batch", disable=not progress)
+    last_save = time.monotonic()
+    model.train()
+    for epoch in range(state["epoch"], config.epochs):
+        first = state["batch"] if epoch == state["epoch"] else 0
+        batches = sequence_batches(episodes, config.seq_len, config.batch_size, np.random.default_rng(seed + epoch))
+        for number, batch in enumerate(batches):
+            if number < first:  # done before the checkpoint; the order is a function of the seed alone
+                continue
+            losses = rssm_losses(model, batch, frames)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, image=f"{losses['image'].item():.1f}", kl=f"{losses['kl'].item():.2f}",
+                            reward=f"{losses['reward'].item():.3f}", cont=f"{losses['continue'].item():.3f}")
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                save_checkpoint(checkpoint_dir, model, optimizer, {"epoch": epoch, "batch": number + 1})
+                last_save = time.monotonic()
+        save_checkpoint(checkpoint_dir, model, optimizer, {"epoch": epoch + 1, "batch": 0})
+    bar.close()
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray) -> dict[str, Any]:
+    """Held-out one-step quality through the posterior filter (modes, as RealEnv): image error, KL[q || p],
+    reward error in real units, and done precision/recall (done = 1 - p(continue))."""
+    if not episodes:
+        return {}
+    config = model.config
+    image_sum = frames_seen = kl_sum = kl_n = rew_sq = rew_abs = steps = 0.0
+    done = DoneScores()
+    for batch in sequence_batches(episodes, config.seq_len, config.batch_size, np.random.default_rng(0)):
+        losses = rssm_losses(model, batch, frames, sample=False)
+        step_mask, next_mask = batch["step_mask"], batch["next_mask"]
+        frame_mask = torch.cat([step_mask[:, :1], next_mask], 1)
+        image_sum += losses["image"].item() * frame_mask.sum().item()
+        frames_seen += frame_mask.sum().item()
+        kl_sum += losses["kl"].item() * next_mask.sum().item()
+        kl_n += next_mask.sum().item()
+        err = (symexp(losses["reward_pred"]) - batch["rewards"]) * step_mask
+        rew_sq += err.pow(2).sum().item()
+        rew_abs += err.abs().sum().item()
+        steps += step_mask.sum().item()
+        done.add(torch.sigmoid(-losses["continue_logit"]), batch["dones"], step_mask)
+    return {
+        "reconstruction": image_sum / frames_seen,
+        "kl": kl_sum / max(kl_n, 1),
+        "reward_mse": rew_sq / steps,
+        "reward_mae": rew_abs / steps,
+        **done.metrics(),
+        "steps": steps,
+        "episodes": len(episodes),
+    }
+
+
+@torch.inference_mode()
+def first_frame_latents(model: RSSM, frames: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """The posterior's mode at h_0 = 0 for each first frame: the dream's initial-state bank (K, stoch * classes)."""
+    parts = []
+    for start in range(0, len(frames), batch_size):
+        embed = model.encode(frames_to_tensor(frames[start : start + batch_size]))
+        parts.append(mode_one_hot(model.posterior(model.initial_deter(len(embed)), embed)).flatten(1))
+    return torch.cat(parts)
+
+
+def train_rssm_world_model(
+    rollouts_path: str | Path | Sequence[str | Path],
+    out: str | Path,
+    config: RSSMTrainConfig | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> WorldModel:
+    """Rollouts -> RSSM -> bundle at `out` (model_kind "rssm"); rerunning the same call resumes where it stopped."""
+    config = config or RSSMTrainConfig()
+    paths = [rollouts_path] if isinstance(rollouts_path, (str, Path)) else list(rollouts_path)
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = {"model": "rssm", **dataclasses.asdict(config)}
+    (work / "config.json").write_text(json.dumps(recipe, indent=2))
+    data = load_rollout_data(paths)
+    bounds, arrays = data.bounds, data.arrays
+    train_ids, heldout_ids = split_episode_ids(len(bounds), config.holdout_fraction, config.seed)
+    actions = encode_action_array(data.action_space, arrays["actions"])
+
+    def episodes(ids: np.ndarray) -> list[EpisodeData]:
+        return [EpisodeData(None, None, actions[s:e], arrays["rewards"][s:e].astype(np.float32),
+                            arrays["terminated"][s:e].astype(np.float32), frame_index=np.arange(s, e))
+                for s, e in (bounds[i] for i in ids)]
+
+    model = train_rssm(episodes(train_ids), data.frames, config.rssm, work / "rssm", config.seed, progress)
+    metrics = rssm_heldout_metrics(model, episodes(heldout_ids), data.frames)
+    first = bounds[train_ids, 0][: config.initial_states]
+    world_model = WorldModel(
+        vae=None, mdnrnn=None, rssm=model, initial_z=first_frame_latents(model, data.frames[first]),
+        env_id=data.env_id, action_space=data.action_space, frame_spec=data.frame_spec,
+        max_episode_steps=make_source_env_limit(data.env_id), default_temperature=config.default_temperature,
+        info={
+            "data": data_summary(paths, bounds, arrays["rewards"], train_ids, heldout_ids),
+            "heldout": {"rssm": metrics},
+            "recipe": recipe,
+        },
+    )
+    world_model.save(out)
+    return world_model

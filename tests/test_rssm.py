@@ -1,0 +1,568 @@
+"""The RSSM world model: the model's math, training, the bundle, and every bundle consumer (Dream/Real/vector envs,
+SB3 adapter, CMA-ES, evaluate, dream GIF, info, collect with a controller) on tiny RSSM bundles."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from PIL import Image
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import dreamenv
+import dreamenv.train_rssm
+from dreamenv.agents.controller import dream_returns, load_controller, train_controller
+from dreamenv.cli import main
+from dreamenv.data.preprocess import preprocess_frame
+from dreamenv.data.collect import collect
+from dreamenv.data.dataset import EpisodeData, open_rollouts, sequence_batches
+from dreamenv.envs.dream import DreamEnv
+from dreamenv.envs.real import RealEnv
+from dreamenv.envs.vector import DreamVectorEnv
+from dreamenv.fidelity import FidelityConfig, fidelity, trained_episodes
+from dreamenv.models.rssm import (
+    RSSM, RSSMConfig, categorical_kl, mode_one_hot, sample_categorical, symexp, symlog, unimix_log_probs,
+)
+from dreamenv.models.vae import frames_to_tensor
+from dreamenv.train import encode_action_array, load_rollout_data
+from dreamenv.train_rssm import RSSMTrainConfig, rssm_losses, train_rssm, train_rssm_world_model
+from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
+from tests.conftest import Tiny, tiny_cmaes_config
+from tests.tiny_envs import MODULE
+
+
+def tiny_rssm_config(epochs: int = 2) -> RSSMConfig:
+    """The smallest useful RSSM: GRU 16, 4 latents of 4 classes, CNN depth 4."""
+    return RSSMConfig(deter=16, hidden=16, stoch=4, classes=4, cnn_depth=4, seq_len=16, batch_size=8, epochs=epochs,
+                      learning_rate=1e-3)
+
+
+OBS_DIM = 16 + 4 * 4  # concat(h, z)
+
+
+@dataclass(frozen=True)
+class TinyRSSM:
+    """An RSSM bundle (+ its work dir and a CMA-ES controller) trained on a tiny pipeline's rollouts."""
+
+    base: Tiny
+    bundle: Path
+    work: Path
+    controller: Path
+
+
+def _build(base: Tiny, root: Path) -> TinyRSSM:
+    bundle = root / "bundle"
+    train_rssm_world_model(base.rollouts, bundle, RSSMTrainConfig(rssm=tiny_rssm_config()), progress=False)
+    controller = root / "controller"
+    train_controller(bundle, controller, tiny_cmaes_config(), progress=False)
+    return TinyRSSM(base, bundle, root / "bundle.work", controller)
+
+
+@pytest.fixture(scope="session")
+def rssm_discrete(tiny_discrete: Tiny, tmp_path_factory: pytest.TempPathFactory) -> TinyRSSM:
+    return _build(tiny_discrete, tmp_path_factory.mktemp("rssm_discrete"))
+
+
+@pytest.fixture(scope="session")
+def rssm_box(tiny_box: Tiny, tmp_path_factory: pytest.TempPathFactory) -> TinyRSSM:
+    return _build(tiny_box, tmp_path_factory.mktemp("rssm_box"))
+
+
+@pytest.fixture(scope="session", params=["discrete", "box"])
+def rssm(request: pytest.FixtureRequest) -> TinyRSSM:
+    """Each tiny RSSM bundle in turn (Discrete and Box actions)."""
+    return request.getfixturevalue(f"rssm_{request.param}")
+
+
+def _actions(space: gym.Space, n: int, seed: int = 0) -> list:
+    space = gym.spaces.Discrete(space.n, start=space.start) if isinstance(space, gym.spaces.Discrete) else \
+        gym.spaces.Box(space.low, space.high, space.shape, space.dtype)
+    space.seed(seed)
+    return [space.sample() for _ in range(n)]
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+def test_shapes_and_distributions() -> None:
+    torch.manual_seed(0)
+    config = tiny_rssm_config()
+    model = RSSM(config, action_dim=3)
+    frames = torch.rand(5, 3, 64, 64)
+    embed = model.encode(frames)
+    assert embed.shape == (5, model.encoder.out_dim) == (5, 8 * 4 * 16)
+    deter = model.initial_deter(5)
+    post = model.posterior(deter, embed)
+    assert post.shape == (5, 4, 4)
+    torch.testing.assert_close(post.exp().sum(-1), torch.ones(5, 4))
+    assert post.exp().min() >= config.unimix / config.classes - 1e-7  # unimix: no class below 1% / classes
+    stoch = mode_one_hot(post).flatten(1)
+    assert stoch.shape == (5, 16) and torch.equal(stoch.view(5, 4, 4).sum(-1), torch.ones(5, 4))
+    deter2 = model.recur(deter, stoch, torch.eye(3)[[0, 1, 2, 0, 1]])
+    assert deter2.shape == (5, 16) and not torch.equal(deter2, deter)
+    feat = model.feature(deter2, stoch)
+    assert feat.shape == (5, model.feat_dim) == (5, OBS_DIM)
+    assert model.decode(feat).shape == (5, 3, 64, 64)
+    assert model.reward(feat).shape == (5,) and model.continue_logit(feat).shape == (5,)
+    torch.testing.assert_close(model.reward(feat), torch.zeros(5))  # DreamerV3: the reward output starts at zero
+
+
+def test_symlog_and_kl() -> None:
+    x = torch.tensor([-1000.0, -3.0, -0.5, 0.0, 0.5, 3.0, 1000.0])
+    torch.testing.assert_close(symexp(symlog(x)), x)
+    assert symlog(torch.tensor(1000.0)) < 7.0  # large rewards are squashed
+    p = unimix_log_probs(torch.randn(2, 4, 4), 0.01)
+    q = unimix_log_probs(torch.randn(2, 4, 4), 0.01)
+    assert torch.all(categorical_kl(p, q) > 0) and torch.allclose(categorical_kl(p, p), torch.zeros(2), atol=1e-6)
+
+
+def test_temperature_changes_sampling() -> None:
+    """logits / tau: tau 0 is the mode whatever the noise; the mode's frequency falls as tau grows."""
+    gen = torch.Generator().manual_seed(0)
+    log_probs = unimix_log_probs(torch.tensor([[[2.0, 1.0, 0.0, -1.0]]]).expand(4000, 1, 4), 0.0)
+    uniform = torch.rand(4000, 1, generator=gen)
+    mode = mode_one_hot(log_probs)
+    assert torch.equal(sample_categorical(log_probs, 0.0, uniform), mode)
+    frequency = {tau: (sample_categorical(log_probs, tau, uniform) * mode).sum().item() / 4000 for tau in (0.5, 1.0, 3.0)}
+    expected = {tau: math.exp(2 / tau) / sum(math.exp(v / tau) for v in (2, 1, 0, -1)) for tau in frequency}
+    for tau in frequency:
+        assert frequency[tau] == pytest.approx(expected[tau], abs=0.03)  # 4000 draws: std < 0.008
+    assert frequency[0.5] > frequency[1.0] > frequency[3.0]
+    per_env = sample_categorical(log_probs[:2], torch.tensor([0.0, 50.0]), torch.full((2, 1), 0.99))
+    assert per_env[0].argmax() == 0 and per_env[1].argmax() == 3  # one tau per env
+
+
+def test_training_lowers_the_loss(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    data = load_rollout_data([tiny_discrete.rollouts])
+    actions = encode_action_array(data.action_space, data.arrays["actions"])
+    episodes = [EpisodeData(None, None, actions[s:e], data.arrays["rewards"][s:e].astype(np.float32),
+                            data.arrays["terminated"][s:e].astype(np.float32), frame_index=np.arange(s, e))
+                for s, e in data.bounds]
+    config = tiny_rssm_config(epochs=6)
+
+    def loss(model: RSSM) -> dict[str, float]:
+        totals = {"loss": 0.0, "image": 0.0, "reward": 0.0}
+        with torch.no_grad():
+            for batch in sequence_batches(episodes, config.seq_len, config.batch_size, np.random.default_rng(0)):
+                out = rssm_losses(model, batch, data.frames, sample=False)
+                for key in totals:
+                    totals[key] += out[key].item()
+        return totals
+
+    torch.manual_seed(0)
+    before = loss(RSSM(config, actions.shape[1]).eval())
+    after = loss(train_rssm(episodes, data.frames, config, tmp_path / "ckpt", seed=0, progress=False))
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert after["image"] < before["image"] and after["reward"] < before["reward"]
+
+
+# --- the bundle -------------------------------------------------------------------------------------------------
+
+def _outputs(wm: WorldModel) -> list[torch.Tensor]:
+    """Everything the RSSM computes, on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(3, 3, 64, 64, generator=g)
+    model = wm.rssm
+    with torch.no_grad():
+        embed = model.encode(frames)
+        deter = model.recur(model.initial_deter(3), wm.initial_z[:3], torch.rand(3, wm.action_dim, generator=g))
+        feat = model.feature(deter, wm.initial_z[:3])
+        return [embed, deter, model.prior(deter), model.posterior(deter, embed), model.decode(feat),
+                model.reward(feat), model.continue_logit(feat), wm.initial_z]
+
+
+def test_bundle_round_trip(rssm: TinyRSSM, tmp_path: Path) -> None:
+    wm = WorldModel.load(rssm.bundle)
+    assert wm.model_kind == "rssm" and wm.vae is None and wm.mdnrnn is None
+    again = WorldModel.load(wm.save(tmp_path / "again"))
+    for a, b in zip(_outputs(wm), _outputs(again)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert again.rssm.config == wm.rssm.config == tiny_rssm_config()
+    assert again.fingerprint == wm.fingerprint and again.action_space == wm.action_space == gym.make(rssm.base.env_id).action_space
+    assert (again.z_dim, again.hidden_size, again.latent_obs_dim) == (16, 16, OBS_DIM)
+    manifest = read_manifest(rssm.bundle)
+    assert manifest["model_kind"] == "rssm" and manifest["rssm"]["stoch"] == 4 and manifest["rssm"]["deter"] == 16
+    assert set(manifest["files"]) == {p.name for p in rssm.bundle.iterdir()} - {"manifest.json"} \
+        == {"rssm.safetensors", "initial_states.safetensors"}
+    bank = wm.initial_z.view(-1, 4, 4)
+    assert torch.equal(bank.sum(-1), torch.ones(bank.shape[:2]))  # first-frame posterior modes, one-hot
+    held = manifest["info"]["heldout"]["rssm"]
+    assert held["episodes"] >= 1 and np.isfinite(held["reconstruction"]) and held["kl"] >= 0
+    assert held["reward_mae"] ** 2 <= held["reward_mse"] + 1e-9
+    assert manifest["info"]["recipe"]["model"] == "rssm" and manifest["info"]["data"]["episodes"] == 12
+
+
+def test_bundle_errors(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(rssm_discrete.bundle, tmp_path / "b"))
+    weights = copy / "rssm.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"rssm\.safetensors.*sha256"):
+        WorldModel.load(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model_kind"] = "transformer"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="'transformer' world model.*mdnrnn, rssm"):
+        WorldModel.load(copy)
+    wm = WorldModel.load(rssm_discrete.bundle)
+    with pytest.raises(ValueError, match="latent_filter"):
+        wm.encode_frames(np.zeros((1, 64, 64, 3), np.uint8))
+    mdn = WorldModel.load(rssm_discrete.base.bundle)
+    with pytest.raises(ValueError, match="either vae and mdnrnn, or rssm"):
+        WorldModel(mdn.vae, mdn.mdnrnn, wm.initial_z, wm.env_id, wm.action_space, wm.frame_spec, 20, rssm=wm.rssm)
+
+
+def test_bad_configs_name_the_setting() -> None:
+    for bad, field in [({"stoch": 0}, "stoch"), ({"classes": 1}, "classes"), ({"unimix": 1.0}, "unimix"),
+                       ({"free_nats": -1.0}, "free_nats"), ({"deter": 2.5}, "deter"), ({"learning_rate": float("nan")}, "learning_rate")]:
+        with pytest.raises(ValueError, match=field):
+            RSSMConfig(**bad)
+    with pytest.raises(ValueError, match=r"unknown RSSM settings \['z_dim'\]"):
+        RSSMConfig.from_dict({"z_dim": 32})
+    with pytest.raises(ValueError, match=r"\['mdnrnn', 'vae'\] do not apply to an RSSM"):
+        RSSMTrainConfig.from_dict({"vae": {}, "mdnrnn": {}, "rssm": {"stoch": 8}})
+    assert RSSMTrainConfig.from_dict({"seed": 3, "rssm": {"stoch": 8}}).rssm.stoch == 8
+
+
+def test_training_resumes_instead_of_restarting(rssm_discrete: TinyRSSM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = Path(shutil.copytree(rssm_discrete.work, tmp_path / "work"))
+    assert json.loads((work / "rssm" / "state.json").read_text())["progress"] == {"epoch": 2, "batch": 0}
+    calls, batches_per_epoch = [], []
+    real_losses, real_count = dreamenv.train_rssm.rssm_losses, dreamenv.train_rssm.count_batches
+
+    def counting(model, batch, frames, sample=True):
+        calls.append(sample)
+        return real_losses(model, batch, frames, sample)
+
+    def count_batches(episodes, config):
+        batches_per_epoch.append(real_count(episodes, config))
+        return batches_per_epoch[-1]
+
+    monkeypatch.setattr(dreamenv.train_rssm, "rssm_losses", counting)
+    monkeypatch.setattr(dreamenv.train_rssm, "count_batches", count_batches)
+    config = RSSMTrainConfig(rssm=tiny_rssm_config())
+    train_rssm_world_model(rssm_discrete.base.rollouts, tmp_path / "bundle", config, work_dir=work, progress=False)
+    assert calls and not any(calls)  # only the held-out evaluation ran (modes), no training step
+    assert read_manifest(tmp_path / "bundle")["files"] == read_manifest(rssm_discrete.bundle)["files"]
+    calls.clear()
+    config = RSSMTrainConfig(rssm=tiny_rssm_config(epochs=3))  # one more epoch: trains that epoch only
+    train_rssm_world_model(rssm_discrete.base.rollouts, tmp_path / "bundle3", config, work_dir=work, progress=False)
+    assert sum(calls) == batches_per_epoch[-1] >= 2  # training steps of one epoch (sample=True), then held-out ones
+    assert json.loads((work / "rssm" / "state.json").read_text())["progress"] == {"epoch": 3, "batch": 0}
+
+
+# --- the envs ---------------------------------------------------------------------------------------------------
+
+def _checks(env_factory) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for check in (check_env, lambda env: sb3_check_env(env, warn=False)):
+            env = env_factory()
+            try:
+                check(env)
+            finally:
+                env.close()
+
+
+@pytest.mark.parametrize("obs_mode", ["latent", "pixels"])
+def test_dream_and_real_pass_the_checkers_and_share_spaces(rssm: TinyRSSM, obs_mode: str) -> None:
+    for cls in (DreamEnv, RealEnv):
+        _checks(lambda: cls(rssm.bundle, obs_mode=obs_mode, render_mode="rgb_array"))
+    dream = DreamEnv(rssm.bundle, obs_mode=obs_mode, render_mode="rgb_array")
+    real = RealEnv(rssm.bundle, obs_mode=obs_mode, render_mode="rgb_array")
+    assert dream.observation_space == real.observation_space
+    assert dream.action_space == real.action_space == gym.make(rssm.base.env_id).action_space
+    assert dream.observation_space.shape == ((OBS_DIM,) if obs_mode == "latent" else (64, 64, 3))
+    dream.reset(seed=0)
+    assert dream.render().shape == (64, 64, 3)
+    real.close()
+
+
+def _expected_prior_mode(wm: WorldModel, obs: np.ndarray, action) -> tuple[np.ndarray, np.ndarray, float]:
+    model = wm.rssm
+    deter, stoch = torch.from_numpy(obs[None, :16]), torch.from_numpy(obs[None, 16:])
+    with torch.no_grad():
+        deter2 = model.recur(deter, stoch, wm.encode_actions(np.asarray(action)[None]))
+        mode = mode_one_hot(model.prior(deter2)).flatten(1)
+        reward = model.reward(model.feature(deter2, mode))
+    return deter2[0].numpy(), mode[0].numpy(), float(reward[0])
+
+
+def test_dream_step_order_and_temperature(rssm: TinyRSSM) -> None:
+    """h' = GRU(h, [z, a]); z' ~ prior(h') / tau: at tau 0 the prior's mode; at tau 1 samples that vary by seed."""
+    env = DreamEnv(rssm.bundle, temperature=0.0, done_mode="threshold", done_threshold=1.0)
+    action = _actions(env.action_space, 1)[0]
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        deter, mode, reward = _expected_prior_mode(env.world_model, obs, action)
+        obs2, r, *_ = env.step(action)
+        np.testing.assert_allclose(obs2[:16], deter, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(obs2[16:], mode)
+        assert r == pytest.approx(reward, abs=1e-6)
+    differs = 0
+    for seed in range(20):
+        obs, _ = env.reset(seed=seed, options={"temperature": 1.0})
+        deter, mode, _ = _expected_prior_mode(env.world_model, obs, action)
+        obs2, *_ = env.step(action)
+        np.testing.assert_allclose(obs2[:16], deter, rtol=1e-5, atol=1e-6)  # h' does not depend on tau
+        differs += not np.array_equal(obs2[16:], mode)
+    assert differs >= 3  # 20 draws of 4 latents from a tiny model's prior: mostly not all at their mode
+
+
+def test_seeding(rssm: TinyRSSM) -> None:
+    def rollout(env: DreamEnv, seed: int) -> list[np.ndarray]:
+        obs, _ = env.reset(seed=seed)
+        trace = [obs]
+        for action in _actions(env.action_space, 15):
+            obs, reward, terminated, _, _ = env.step(action)
+            trace.append(np.append(obs, [reward, terminated]))
+            if terminated:
+                break
+        return trace
+
+    env, other = DreamEnv(rssm.bundle, temperature=1.0), DreamEnv(rssm.bundle, temperature=1.0)
+    first = rollout(env, 7)
+    assert all(np.array_equal(a, b) for a, b in zip(first, rollout(other, 7))) and len(first) == len(rollout(other, 7))
+    seeds_differ = [not (len(first) == len(t) and all(np.array_equal(a, b) for a, b in zip(first, t)))
+                    for t in (rollout(env, s) for s in range(8, 12))]
+    assert any(seeds_differ)
+
+
+def _fixed_continue(bundle: Path, done_probability: float) -> WorldModel:
+    """A private copy of the world model whose continue head always says 1 - done_probability."""
+    wm = WorldModel.load(bundle)
+    with torch.no_grad():
+        wm.rssm.continue_head[-1].weight.zero_()
+        wm.rssm.continue_head[-1].bias.fill_(math.log((1 - done_probability) / done_probability))
+    return wm
+
+
+def test_termination_from_the_continue_head(rssm_discrete: TinyRSSM) -> None:
+    wm = _fixed_continue(rssm_discrete.bundle, 0.3)
+
+    def rate(env: DreamEnv, steps: int) -> float:
+        env.reset(seed=0)
+        ends = 0
+        for action in _actions(env.action_space, steps):
+            terminated = env.step(action)[2]
+            if terminated:
+                ends += 1
+                env.reset()
+        return ends / steps
+
+    assert rate(DreamEnv(wm, done_mode="threshold"), 50) == 0.0  # p(done) 0.3 < 0.5
+    assert rate(DreamEnv(wm, done_mode="threshold", done_threshold=0.25), 20) == 1.0
+    assert 0.22 < rate(DreamEnv(wm, done_mode="sample"), 600) < 0.38  # Bernoulli(0.3): 600 draws, std 0.019
+    returns, lengths = dream_returns(wm, lambda obs, rows: np.zeros(len(rows), np.int64), 400, 1.0,
+                                     np.random.default_rng(0), max_steps=50)
+    assert lengths.mean() == pytest.approx(1 / 0.3, rel=0.15)  # geometric episode lengths, mean 1 / p
+
+
+def test_real_env_is_the_posterior_filter(rssm: TinyRSSM) -> None:
+    """RealEnv: z_t = mode of q(z | h_t, frame_t); h_{t+1} = GRU(h_t, [z_t, a_t]); reward and flags from the game."""
+    real = RealEnv(rssm.bundle)
+    game = gym.make(rssm.base.env_id)
+    wm = real.world_model
+    model = wm.rssm
+
+    def posterior_mode(deter: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+        frame = preprocess_frame(image, wm.frame_spec)[None]
+        return mode_one_hot(model.posterior(deter, model.encode(frames_to_tensor(frame)))).flatten(1)
+
+    obs, _ = real.reset(seed=3)
+    image, _ = game.reset(seed=3)
+    with torch.no_grad():
+        deter = model.initial_deter(1)
+        stoch = posterior_mode(deter, image)
+        np.testing.assert_allclose(obs, torch.cat([deter, stoch], -1)[0].numpy(), atol=1e-6)
+        for action in _actions(real.action_space, 40, seed=1):
+            obs, reward, terminated, truncated, _ = real.step(action)
+            image, game_reward, game_terminated, game_truncated, _ = game.step(action)
+            deter = model.recur(deter, stoch, wm.encode_actions(np.asarray(action)[None]))
+            stoch = posterior_mode(deter, image)
+            np.testing.assert_allclose(obs, torch.cat([deter, stoch], -1)[0].numpy(), rtol=1e-4, atol=1e-5)
+            assert (reward, terminated, truncated) == (game_reward, game_terminated, game_truncated)
+            if terminated or truncated:
+                break
+    assert terminated or truncated
+    real.close()
+
+
+def test_vector_equals_single_envs(rssm: TinyRSSM) -> None:
+    temperatures, limit = [0.5, 1.0, 1.3], 10
+    vec = DreamVectorEnv(3, rssm.bundle, temperature=temperatures, max_episode_steps=limit, autoreset_mode="SameStep")
+    singles = [gym.wrappers.TimeLimit(DreamEnv(rssm.bundle, temperature=t), limit) for t in temperatures]
+    obs, _ = vec.reset(seed=11)
+    np.testing.assert_allclose(obs, np.stack([e.reset(seed=11 + i)[0] for i, e in enumerate(singles)]), atol=1e-6)
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(40):
+        actions = np.stack([_actions(vec.single_action_space, 1, seed=int(rng.integers(1 << 30)))[0] for _ in range(3)])
+        obs, rewards, terminated, truncated, infos = vec.step(actions)
+        for i, env in enumerate(singles):
+            expected, reward, term, trunc, _ = env.step(actions[i])
+            if term or trunc:
+                np.testing.assert_allclose(infos["final_obs"][i], expected, atol=1e-5)
+                expected = env.reset()[0]
+            np.testing.assert_allclose(obs[i], expected, atol=1e-5)
+            assert rewards[i] == pytest.approx(reward, abs=1e-5) and (terminated[i], truncated[i]) == (term, trunc)
+        ends += int(np.sum(terminated | truncated))
+    assert ends >= 3
+
+
+def test_registered_ids_make_and_make_vec(rssm_box: TinyRSSM) -> None:
+    dream_id, real_id = dreamenv.register_bundle(rssm_box.bundle, "TinyRSSMBox")
+    try:
+        dream, real = gym.make(dream_id, temperature=0.7), gym.make(real_id)
+        assert dream.unwrapped.temperature == 0.7 and dream.observation_space == real.observation_space
+        vec = gym.make_vec(dream_id, num_envs=4)
+        assert isinstance(vec.unwrapped, DreamVectorEnv) and vec.reset(seed=0)[0].shape == (4, OBS_DIM)
+        real.close()
+    finally:
+        for env_id in (dream_id, real_id):
+            gym.registry.pop(env_id, None)
+
+
+def test_bad_actions_raise(rssm_discrete: TinyRSSM, rssm_box: TinyRSSM) -> None:
+    dream, real = DreamEnv(rssm_discrete.bundle), RealEnv(rssm_box.bundle)
+    with pytest.raises(gym.error.ResetNeeded):
+        dream.step(0)
+    dream.reset(seed=0)
+    real.reset(seed=0)
+    with pytest.raises(ValueError, match=r"outside.*\[0, 2\]"):
+        dream.step(3)
+    with pytest.raises(ValueError, match="NaN"):
+        real.step(np.array([np.nan, 0.0], np.float32))
+    vec = DreamVectorEnv(2, rssm_box.bundle)
+    vec.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        vec.step(np.zeros((3, 2), np.float32))
+    real.close()
+
+
+def test_sb3_adapter_and_ppo(rssm_box: TinyRSSM) -> None:
+    from stable_baselines3 import PPO
+
+    venv = dreamenv.sb3_vec_env(str(rssm_box.bundle), n_envs=4, max_episode_steps=8)
+    assert venv.reset().shape == (4, OBS_DIM)
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=1, seed=0, device="cpu")
+    model.learn(128)
+    assert model.num_timesteps >= 128
+    real = dreamenv.make_real(rssm_box.bundle)
+    action, _ = model.predict(real.reset(seed=0)[0], deterministic=True)
+    assert real.step(np.clip(action, -1, 1).astype(np.float32))[0].shape == (OBS_DIM,)
+    real.close()
+
+
+# --- CMA-ES, evaluate, dream, info, collect -------------------------------------------------------------------
+
+def test_cmaes_controller_in_the_rssm_dream(rssm: TinyRSSM) -> None:
+    ctrl = load_controller(rssm.controller, rssm.bundle)
+    assert ctrl.obs_dim == OBS_DIM and ctrl.info["bundle_fingerprint"] == WorldModel.load(rssm.bundle).fingerprint
+    with pytest.raises(ValueError, match="another world model"):
+        load_controller(rssm.controller, rssm.base.bundle)  # the MDN-RNN bundle of the same env
+
+
+def test_cli_train_info_evaluate_dream(rssm_discrete: TinyRSSM, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = shutil.copytree(rssm_discrete.work, tmp_path / "work")
+    argv = ["train", str(rssm_discrete.base.rollouts), "--model", "rssm", "--out", str(tmp_path / "bundle"),
+            "--work-dir", str(work), "--hidden-size", "16", "--stoch", "4", "--classes", "4", "--rssm-epochs", "2",
+            "--seq-len", "16"]
+    config = tmp_path / "recipe.toml"
+    config.write_text("[train.rssm]\nhidden = 16\ncnn_depth = 4\nbatch_size = 8\nlearning_rate = 1e-3\n")
+    assert main([*argv, "--config", str(config)]) == 0  # resumes the finished run: the same weights
+    assert read_manifest(tmp_path / "bundle")["files"] == read_manifest(rssm_discrete.bundle)["files"]
+    capsys.readouterr()
+    assert main(["train", str(rssm_discrete.base.rollouts), "--model", "rssm", "--out", str(tmp_path / "x"), "--z-dim", "8"]) == 2
+    assert "--z-dim set V or M" in capsys.readouterr().err
+
+    assert main(["info", str(rssm_discrete.bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "rssm: GRU 16, 4 x 4 categorical latents, action dim 3" in out and f"({OBS_DIM},)" in out
+    assert "RSSM reconstruction" in out and "done precision" in out
+
+    result = tmp_path / "result.json"
+    argv = ["evaluate", str(rssm_discrete.bundle), "--controller", str(rssm_discrete.controller), "--episodes", "2",
+            "--temperatures", "0.5,1.2", "--backend", "serial", "--json", str(result)]
+    assert main(argv) == 0
+    scores = json.loads(result.read_text())
+    assert set(scores["virtual"]) == {"0.5", "1.2"} and scores["actual"]["episodes"] == 2
+
+    gif = tmp_path / "dream.gif"
+    argv = ["dream", str(rssm_discrete.bundle), "--controller", str(rssm_discrete.controller), "--out", str(gif), "--steps", "4"]
+    assert main(argv) == 0
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and 2 <= image.n_frames <= 5
+
+
+def test_collect_with_a_controller_of_an_rssm_bundle(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
+    out = collect(f"{MODULE}:{rssm_discrete.base.env_id}", tmp_path / "ctrl.h5", 2, policy="controller",
+                  controller=str(rssm_discrete.controller), bundle=str(rssm_discrete.bundle), backend="serial", progress=False)
+    with open_rollouts(out) as rollouts:
+        assert rollouts.num_episodes == 2 and set(np.unique(rollouts.load_arrays()["actions"])) <= {0, 1, 2}
+
+
+# --- fidelity ---------------------------------------------------------------------------------------------------
+
+def test_fidelity_scores_held_out_episodes(rssm_discrete: TinyRSSM, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rollouts, mdn = rssm_discrete.base.rollouts, rssm_discrete.base.bundle
+    config = FidelityConfig(horizon=6, stride=2, temperature=0.0)
+    result = fidelity([mdn, rssm_discrete.bundle], [rollouts], config, progress=False)
+    wm = WorldModel.load(rssm_discrete.bundle)
+    trained = trained_episodes(wm, "rssm")
+    assert trained == trained_episodes(WorldModel.load(mdn), "mdn")  # same stores, seed and split
+    held = sorted(i for _, i in {(str(rollouts.resolve()), i) for i in range(12)} - trained)
+    assert result["episodes"] == len(held) == 1
+    a, b = result["bundles"]
+    assert (a["model_kind"], b["model_kind"]) == ("mdnrnn", "rssm") and len(b["latent_mse"]) == 6
+    assert all(0 <= v <= 1 for v in b["pixel_mse"] if v is not None) and b["windows_by_horizon"][0] >= 1
+
+    # Horizon 1 at tau 0, recomputed by hand: h' is exact, so the error is the prior's mode against the posterior's.
+    data = load_rollout_data([rollouts])
+    start, end = data.bounds[held[0]]
+    frames = data.frames[start:end]
+    model = wm.rssm
+    errors = []
+    with torch.no_grad():
+        deter = model.initial_deter(1)
+        for t in range(end - start - 1):
+            stoch = mode_one_hot(model.posterior(deter, model.encode(frames_to_tensor(frames[t : t + 1])))).flatten(1)
+            deter = model.recur(deter, stoch, wm.encode_actions(data.arrays["actions"][start + t : start + t + 1]))
+            predicted = mode_one_hot(model.prior(deter)).flatten(1)
+            seen = mode_one_hot(model.posterior(deter, model.encode(frames_to_tensor(frames[t + 1 : t + 2])))).flatten(1)
+            if t % 2 == 0:
+                errors.append(float((predicted - seen).pow(2).sum()) / OBS_DIM)
+    assert b["latent_mse"][0] == pytest.approx(np.mean(errors), abs=1e-6)
+
+    everything = fidelity([mdn, rssm_discrete.bundle], [rollouts], FidelityConfig(horizon=2, all_episodes=True, max_episodes=3),
+                          progress=False)
+    assert everything["episodes"] == 3
+    out = tmp_path / "fidelity.json"
+    argv = ["fidelity", str(mdn), str(rssm_discrete.bundle), str(rollouts), "--horizon", "5", "--stride", "3", "--json", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| horizon | latent MSE A | latent MSE B |" in table and "| 5 |" in table and "(rssm, latent observation 32)" in table
+    assert json.loads(out.read_text())["bundles"][1]["model_kind"] == "rssm"
+
+
+def test_fidelity_bad_input(rssm_discrete: TinyRSSM, rssm_box: TinyRSSM, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="compare bundles on rollouts of their env"):
+        fidelity([rssm_discrete.bundle, rssm_box.bundle], [rssm_discrete.base.rollouts], progress=False)
+    copy = Path(shutil.copytree(rssm_discrete.bundle, tmp_path / "b"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["info"]["data"]["rollouts"] = [str(tmp_path / "gone.h5")]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="gone.h5.*--all-episodes"):
+        fidelity([copy, rssm_discrete.bundle], [rssm_discrete.base.rollouts], progress=False)
+    with pytest.raises(ValueError, match="horizon"):
+        FidelityConfig(horizon=0)
+    assert main(["fidelity", str(rssm_discrete.bundle), str(rssm_discrete.bundle), str(tmp_path / "none.h5")]) == 2
+    assert "none.h5" in capsys.readouterr().err
