@@ -48,7 +48,7 @@ def train_rssm_command(args: argparse.Namespace, recipe: dict[str, Any]) -> None
     from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
 
     v_and_m = {"--z-dim": args.z_dim, "--vae-epochs": args.vae_epochs, "--vae-batch-size": args.vae_batch_size,
-               "--mdn-epochs": args.mdn_epochs, "--vae-from": args.vae_from}
+               "--mdn-epochs": args.mdn_epochs, "--vae-from": args.vae_from, "--mdnrnn-from": args.mdnrnn_from}
     given = [flag for flag, value in v_and_m.items() if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)} set V or M, which an RSSM does not have: drop them, or train with --model mdnrnn")
@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                  "mdnrnn": {"hidden_size": args.hidden_size, "epochs": args.mdn_epochs, "seq_len": args.seq_len},
                  "seed": args.seed, "default_temperature": args.temperature}
     model = train_world_model(args.data, args.out, TrainConfig.from_dict(_merge_overrides(recipe, overrides)), work_dir=args.work_dir,
-                              vae_from=args.vae_from)
+                              vae_from=args.vae_from, mdnrnn_from=args.mdnrnn_from)
     print(f"bundle: {args.out}")
     print(json.dumps(model.info["heldout"], indent=2))
 
@@ -296,20 +296,25 @@ def cmd_iterate(args: argparse.Namespace) -> None:
     run = recipe.get("run", {})
     root = Path(run.get("dir", ""))
     settings = recipe.get("iterate", {})
-    bundle, controller = root / "bundle", Path(settings.get("controller", root / "controller"))
+    bundle = Path(settings.get("bundle", root / "bundle"))
+    controller = Path(settings.get("controller", root / "controller"))
     if not (bundle / "manifest.json").is_file() or not (controller / "controller.json").is_file():
         raise ValueError(f"no bundle {bundle} or controller {controller} yet: run `dreamenv pipeline {args.config}` first")
     stores = [root / "rollouts.h5", *(Path(extra) for extra in settings.get("extra_data", []))]
     controller_settings = {k: v for k, v in recipe.get("controller", {}).items() if k != "temperatures"}
     for number in range(1, args.rounds + 1):
-        step = root / f"round{number}"
+        step = root / f"{settings.get('name', 'round')}{number}"
         print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {controller}")
         stores.append(collect(run["env_id"], step / "rollouts.h5", episodes=int(settings.get("episodes", 200)),
                               workers=int(settings.get("workers", 2)), backend=settings.get("backend", "process"), policy="controller",
                               controller=str(controller), bundle=str(bundle), seed=int(settings.get("seed", 10**6 * number))))
         if not (step / "bundle" / "manifest.json").is_file():
             print(f"round {number}: retrain M on {len(stores)} stores, V from {root / 'bundle'}")
-            train_world_model(stores, step / "bundle", TrainConfig.from_dict(recipe.get("train", {})), vae_from=root / "bundle")
+            config = TrainConfig.from_dict(recipe.get("train", {}))
+            if "mdn_epochs" in settings:  # e.g. fewer epochs when fine-tuning the previous round's M (warm_start)
+                config.mdnrnn.epochs = int(settings["mdn_epochs"])
+            train_world_model(stores, step / "bundle", config, vae_from=root / "bundle",
+                              mdnrnn_from=bundle if settings.get("warm_start", False) else None)
         bundle, controller = step / "bundle", step / "controller"
         print(f"round {number}: CMA-ES in the new dream")
         train_controller(bundle, controller, CMAESConfig(**controller_settings))
@@ -349,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] (or [train.rssm]) tables")
     p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
     p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only)")
+    p.add_argument("--mdnrnn-from", help="start M from this bundle's M (fine-tune; needs --vae-from, usually the same bundle)")
     p.add_argument("--z-dim", type=int, help="V latent size (paper: 32 CarRacing, 64 Doom)")
     p.add_argument("--vae-epochs", type=int, help="epochs of V")
     p.add_argument("--vae-batch-size", type=int, help="V batch size")
@@ -457,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M, retrain C")
-    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate] table: episodes per round, controller, extra_data)")
+    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller, extra_data, "
+                   "warm_start, mdn_epochs, name)")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)
     return parser

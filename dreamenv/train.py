@@ -132,15 +132,28 @@ def done_pos_weight(episodes: list[EpisodeData], config: MDNRNNConfig) -> float:
 
 
 def train_mdnrnn(
-    episodes: list[EpisodeData], config: MDNRNNConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True
+    episodes: list[EpisodeData], config: MDNRNNConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True,
+    init: MDNRNN | None = None,
 ) -> tuple[MDNRNN, float]:
-    """Train M on per-episode latents, resumable; returns the model with a calibrated done head, and the pos weight."""
+    """Train M on per-episode latents, resumable; returns the model with a calibrated done head, and the pos weight.
+
+    init: a trained M (calibrated, as bundles store it) to start from instead of random weights (warm start).
+    """
     torch.manual_seed(seed)
     z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
     model = MDNRNN(z_dim, a_dim, config.hidden_size, config.num_gaussians)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    state = load_checkpoint(checkpoint_dir, model, optimizer) or {"epoch": 0}
     pos_weight = done_pos_weight(episodes, config)
+    state = load_checkpoint(checkpoint_dir, model, optimizer)
+    if state is None and init is not None:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in init.state_dict().items()}:
+            raise ValueError("the warm-start M has other sizes than this recipe's (z, action, LSTM, Gaussians): "
+                             "start from a bundle trained with the same sizes, or drop the warm start")
+        model.load_state_dict(init.state_dict())
+        with torch.no_grad():  # back to the weighted-loss logits the training objective expects
+            model.done_head.bias += math.log(pos_weight)
+    state = state or {"epoch": 0}
     bar = tqdm(total=config.epochs, initial=state["epoch"], desc="train M", unit="epoch", disable=not progress)
     model.train()
     for epoch in range(state["epoch"], config.epochs):
@@ -272,12 +285,16 @@ def train_world_model(
     work_dir: str | Path | None = None,
     progress: bool = True,
     vae_from: str | Path | None = None,
+    mdnrnn_from: str | Path | None = None,
 ) -> WorldModel:
     """Rollouts -> V -> latents -> M -> bundle at `out`; rerunning the same call resumes where it stopped.
 
     rollouts_path may list several stores of one env. vae_from: a bundle whose V is reused instead of
-    training one (the iterative procedure retrains M on new data, seen through the same V).
+    training one (the iterative procedure retrains M on new data, seen through the same V). mdnrnn_from:
+    a bundle whose M is the starting point (fine-tuning), which needs the same V (vae_from).
     """
+    if mdnrnn_from is not None and vae_from is None:
+        raise ValueError("mdnrnn_from fine-tunes an M on its V's latents: pass vae_from too (usually the same bundle's V)")
     config = config or TrainConfig()
     paths = [rollouts_path] if isinstance(rollouts_path, (str, Path)) else list(rollouts_path)
     out = Path(out)
@@ -314,13 +331,16 @@ def train_world_model(
 
     train_eps = _episode_data(bounds, train_ids, mu, logvar, arrays, encode)
     heldout_eps = _episode_data(bounds, heldout_ids, mu, logvar, arrays, encode)
-    mdnrnn, pos_weight = train_mdnrnn(train_eps, config.mdnrnn, work / "mdnrnn", config.seed, progress)
+    init = load_world_model(mdnrnn_from).mdnrnn if mdnrnn_from is not None else None
+    mdnrnn, pos_weight = train_mdnrnn(train_eps, config.mdnrnn, work / "mdnrnn", config.seed, progress, init)
     m_metrics = mdnrnn_heldout_metrics(mdnrnn, heldout_eps, config.mdnrnn)
 
     first = bounds[train_ids, 0][: config.initial_states]
     recipe = dataclasses.asdict(config)
     if vae_from is not None:
         recipe["vae_from"] = str(vae_from)
+    if mdnrnn_from is not None:
+        recipe["mdnrnn_from"] = str(mdnrnn_from)
     model = WorldModel(
         vae=vae, mdnrnn=mdnrnn, initial_z=torch.from_numpy(mu[first]).clone(), env_id=env_id,
         action_space=space, frame_spec=frame_spec, max_episode_steps=make_source_env_limit(env_id),

@@ -218,3 +218,30 @@ def test_checkpoint_survives_crash_between_renames(tmp_path: Path) -> None:
     restored = MDNRNN(3, 2, 8, 2)
     assert load_checkpoint(tmp_path / "ckpt", restored, torch.optim.Adam(restored.parameters())) == {"epoch": 1}
     torch.testing.assert_close(restored.state_dict(), model.state_dict())
+
+
+def test_mdnrnn_warm_start(tmp_path: Path) -> None:
+    import numpy as np
+
+    from dreamenv.data.dataset import EpisodeData
+    from dreamenv.models.mdnrnn import MDNRNNConfig
+    from dreamenv.train import train_mdnrnn
+
+    rng = np.random.default_rng(0)
+    episodes = [EpisodeData(mu=rng.normal(size=(12, 4)).astype(np.float32), logvar=np.zeros((12, 4), np.float32),
+                            actions=np.eye(3, dtype=np.float32)[rng.integers(0, 3, 12)], rewards=np.ones(12, np.float32),
+                            terminated=np.eye(12, dtype=np.float32)[-1]) for _ in range(4)]
+    config = MDNRNNConfig(hidden_size=8, num_gaussians=2, seq_len=8, batch_size=2, epochs=0)
+    start = MDNRNN(4, 3, 8, 2)
+    # No epochs: the warm-started M comes back as it went in (the done head's weighting shift undone exactly).
+    same, _ = train_mdnrnn(episodes, config, tmp_path / "zero", init=start, progress=False)
+    for (name, a), b in zip(start.state_dict().items(), same.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # Trained from it: it moves away from the start, and differs from a cold start with the same seed.
+    config.epochs = 1
+    warm, _ = train_mdnrnn(episodes, config, tmp_path / "warm", init=start, progress=False)
+    cold, _ = train_mdnrnn(episodes, config, tmp_path / "cold", progress=False)
+    assert not torch.equal(warm.lstm.weight_hh_l0, start.lstm.weight_hh_l0)
+    assert not torch.equal(warm.lstm.weight_hh_l0, cold.lstm.weight_hh_l0)
+    with pytest.raises(ValueError, match="other sizes"):
+        train_mdnrnn(episodes, config, tmp_path / "other", init=MDNRNN(4, 3, 16, 2), progress=False)

@@ -165,6 +165,8 @@ backend = "serial"
 [iterate]
 episodes = 3
 backend = "serial"
+warm_start = true
+mdn_epochs = 1
 """)
     assert main(["pipeline", str(recipe)]) == 0
     result = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -177,7 +179,7 @@ backend = "serial"
     round_bundle = tmp_path / "run" / "round1" / "bundle"
     info = json.loads((round_bundle / "manifest.json").read_text())["info"]
     assert info["data"]["episodes"] == 6 + 3  # the random store plus the controller's round
-    assert info["recipe"]["vae_from"] == str(tmp_path / "run" / "bundle")
+    assert info["recipe"]["vae_from"] == info["recipe"]["mdnrnn_from"] == str(tmp_path / "run" / "bundle")
     base = json.loads((tmp_path / "run" / "bundle" / "manifest.json").read_text())["files"]
     assert info and json.loads((round_bundle / "manifest.json").read_text())["files"]["vae.safetensors"] == base["vae.safetensors"]
     assert json.loads((tmp_path / "run" / "round1" / "results.json").read_text())["actual"]["episodes"] == 2
