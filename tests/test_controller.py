@@ -270,3 +270,18 @@ def test_evaluate_virtual_and_actual(tiny_discrete: Tiny) -> None:
         assert f"| {tau} | {v['mean']:.1f} +- {v['std']:.1f} | {actual} |" in table
     assert tiny_discrete.env_id in table
     assert "n/a" in format_table(again)
+
+
+def test_temperature_table_sits_beside_the_papers() -> None:
+    from dreamenv.evaluate import format_temperature_table
+
+    score = {"mean": 300.0, "std": 50.0}
+    result = {"env_id": "VizdoomTakeCover-v1", "episodes": 100,
+              "rows": [{"temperature": 0.7, "virtual": score, "actual": None}, {"temperature": 1.15, "virtual": score, "actual": score}]}
+    lines = format_temperature_table(result).splitlines()
+    rows = [line for line in lines if line.startswith("| 0.7") or line.startswith("| 1.15")]
+    assert rows[1] == "| 1.15 | 300.0 +- 50.0 | 300.0 +- 50.0 | 918 +- 546 | 1092 +- 556 |"
+    assert rows[0].startswith("| 0.7 | 300.0 +- 50.0 | n/a |") and "+-" not in rows[0].split("n/a")[1]
+    assert len({line.count("|") for line in lines if line.startswith("|")}) == 1  # every row has the same columns
+    other = format_temperature_table({**result, "env_id": "CarRacing-v3"})
+    assert "1092" not in other
