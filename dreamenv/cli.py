@@ -147,11 +147,26 @@ def cmd_controller(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dreamenv.evaluate import evaluate, format_table, plot_temperature_table
+    from dreamenv.agents.controller import load_controller
+    from dreamenv.evaluate import (
+        evaluate, format_table, format_temperature_table, plot_temperature_table, temperature_table, trained_temperature,
+    )
+    from dreamenv.registry import load_world_model
 
-    result = evaluate(args.bundle, args.controller, episodes=args.episodes, temperatures=args.temperatures,
-                      seed=args.seed, backend=args.backend, workers=args.workers, real=not args.no_real)
-    print(format_table(result))
+    if len(args.controller) == 1:
+        result = evaluate(args.bundle, args.controller[0], episodes=args.episodes, temperatures=args.temperatures,
+                          seed=args.seed, backend=args.backend, workers=args.workers, real=not args.no_real)
+        print(format_table(result))
+    else:  # the paper's table: each controller in the dream it was trained in, and in the game
+        if args.temperatures:
+            raise ValueError("with several controllers each is scored at its own training temperature: drop --temperatures")
+        wm = load_world_model(args.bundle)
+        controllers = {trained_temperature(load_controller(c, wm), wm.default_temperature): c for c in args.controller}
+        if len(controllers) != len(args.controller):
+            raise ValueError("two controllers were trained at the same temperature: give one per temperature")
+        result = temperature_table(args.bundle, controllers, episodes=args.episodes, seed=args.seed, backend=args.backend,
+                                   workers=args.workers, real=not args.no_real)
+        print(format_temperature_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -389,9 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="CMA-ES seed")
     p.set_defaults(func=cmd_controller)
 
-    p = sub.add_parser("evaluate", help="virtual (dream) vs actual (real game) score of a controller")
+    p = sub.add_parser("evaluate", help="virtual (dream) vs actual (real game) score of a controller, or the paper's "
+                       "temperature table of several")
     p.add_argument("bundle", help="bundle directory or shipped name")
-    p.add_argument("--controller", required=True, help="controller directory or shipped name")
+    p.add_argument("--controller", required=True, nargs="+",
+                   help="controller directory or shipped name; several (one per training temperature) give the paper's table")
     p.add_argument("--episodes", type=int, default=100, help="episodes in each (default 100)")
     p.add_argument("--temperatures", type=_floats, help="comma-separated dream temperatures (default: the controller's)")
     p.add_argument("--seed", type=int, default=0, help="first episode seed")

@@ -131,3 +131,25 @@ def test_controller_and_evaluate(tiny_discrete: Tiny, tmp_path: Path, capsys: py
     # A controller path that does not exist is a one-line error.
     assert main(["evaluate", bundle, "--controller", str(tmp_path / "nope"), "--no-real"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_evaluate_several_controllers_gives_the_temperature_table(tiny_discrete: Tiny, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = str(tiny_discrete.bundle)
+    for tau in ("0.5", "1.3"):
+        argv = ["controller", bundle, "--out", str(tmp_path / tau), "--temperature", tau, "--population", "4",
+                "--rollouts", "1", "--generations", "1", "--max-steps", "10"]
+        assert main(argv) == 0
+    capsys.readouterr()
+    argv = ["evaluate", bundle, "--controller", str(tmp_path / "1.3"), str(tmp_path / "0.5"), "--episodes", "2",
+            "--backend", "serial", "--json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["temperature"], Path(r["controller"]).name) for r in result["rows"]] == [(0.5, "0.5"), (1.3, "1.3")]
+    assert all(r["actual"]["episodes"] == 2 for r in result["rows"])
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    # The same temperature twice, or --temperatures with several controllers, is refused.
+    assert main(["evaluate", bundle, "--controller", str(tmp_path / "0.5"), str(tmp_path / "0.5"), "--no-real"]) == 2
+    assert "same temperature" in capsys.readouterr().err
+    assert main(["evaluate", bundle, "--controller", str(tmp_path / "0.5"), str(tmp_path / "1.3"), "--temperatures", "1"]) == 2
+    assert "drop --temperatures" in capsys.readouterr().err
