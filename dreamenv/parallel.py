@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
@@ -32,18 +35,27 @@ def run_tasks(
     return _run_ray(fn, tasks, workers)
 
 
-def _one_torch_thread() -> None:
-    """Worker initializer: one process per core, so more torch threads per worker would oversubscribe the cores
-    (measured here: small ops over 10x slower)."""
+def _init_worker(parent: int) -> None:
+    """Worker initializer: one torch thread (one process per core; more threads per worker oversubscribe the
+    cores, measured here: small ops over 10x slower), and exit when the parent dies, so that a killed
+    `dreamenv collect` leaves no orphan worker playing on (its unfinished shard is redone on resume)."""
     import torch
 
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="dreamenv-parent-watch").start()
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """Poll the parent pid; on its death (we are re-parented) end this worker at once."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _run_process(fn: Callable[[T], R], tasks: list[T], workers: int) -> Iterator[R]:
     """ProcessPoolExecutor with the spawn context (safe with threads, torch and every OS), one torch thread each."""
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_one_torch_thread)
+                                   initializer=_init_worker, initargs=(os.getpid(),))
     try:
         futures = [executor.submit(fn, task) for task in tasks]
         for future in as_completed(futures):

@@ -37,3 +37,51 @@ def test_ray_backend() -> None:
         assert sorted(run_tasks(square, range(5), backend="ray", workers=2)) == [0, 1, 4, 9, 16]
     finally:
         ray.shutdown()
+
+
+def test_process_workers_die_with_their_parent(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = f"""
+import os, time
+from dreamenv.parallel import run_tasks
+from tests.test_parallel import sleep_and_record
+list(run_tasks(sleep_and_record, [{str(pids)!r}] * 2, backend="process", workers=2))
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    deadline = time.monotonic() + 60
+    while (not pids.is_file() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert len(workers) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived its killed parent"
+
+
+def sleep_and_record(path: str) -> None:
+    import os
+    import time
+
+    with open(path, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    time.sleep(60)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited; it waits only for its reaping
+        return stat.read().split()[2] != "Z"
