@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
+from dreamenv.config import config_from_table
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
 
@@ -62,10 +63,7 @@ class ActorCriticConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ActorCriticConfig":
         """A config from a recipe's [actor_critic] table; unknown keys are an error that lists the known ones."""
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown actor-critic settings {sorted(unknown)}: the known ones are {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        return config_from_table(cls, data, "actor-critic")
 
 
 def mlp(inputs: int, outputs: int, hidden: int, layers: int) -> nn.Sequential:

@@ -11,6 +11,7 @@ from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
 
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
+from dreamenv.config import config_from_table
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.worldmodel import WorldModel
 
@@ -60,10 +61,7 @@ class PPOConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
         """A config from a recipe's [ppo] table; unknown keys are an error that lists the known ones."""
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown PPO settings {sorted(unknown)}: the known ones are {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        return config_from_table(cls, data, "PPO")
 
 
 def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: PPOConfig) -> None:

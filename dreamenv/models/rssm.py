@@ -3,12 +3,14 @@ encoder/decoder, a reward head and a continue head. It plays M's role (and V's) 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from dreamenv.config import config_from_table
 
 
 @dataclass
@@ -53,11 +55,7 @@ class RSSMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RSSMConfig":
         """From a recipe table; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown RSSM settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_table(cls, data, "RSSM")
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,16 @@
+"""Recipe tables (TOML) into config dataclasses: one place that refuses unknown keys instead of ignoring them."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def config_from_table(cls: type[C], data: dict[str, Any], what: str) -> C:
+    """cls(**data), or a ValueError naming the unknown `what` settings and the known ones (a typo never passes)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {unknown}: the known ones are {sorted(known)}")
+    return cls(**data)
