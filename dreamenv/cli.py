@@ -43,6 +43,25 @@ def _merge_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[
     return recipe
 
 
+WORLD_MODELS = ("mdnrnn", "rssm")
+
+
+def recipe_world_model(recipe: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A recipe's `[train] model` ("mdnrnn", the default: V + M; or "rssm") and the rest of its [train] table,
+    which configures that model; any other model name is an error naming the allowed ones."""
+    table = dict(recipe.get("train", {}))
+    model = table.pop("model", "mdnrnn")
+    if model not in WORLD_MODELS:
+        raise ValueError(f"[train] model = {model!r}: the allowed values are {', '.join(map(repr, WORLD_MODELS))}")
+    return model, table
+
+
+def recipe_rollouts(run: dict[str, Any]) -> Path:
+    """The rollout store of a recipe's [run] table: `rollouts` if given (another run's store, reused when [collect]
+    matches the run that wrote it), else DIR/rollouts.h5."""
+    return Path(run.get("rollouts", Path(run.get("dir", "")) / "rollouts.h5"))
+
+
 def train_rssm_command(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     """`dreamenv train --model rssm`: the RSSM on the rollouts; V and M options are refused, not ignored."""
     from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
@@ -64,8 +83,8 @@ def train_rssm_command(args: argparse.Namespace, recipe: dict[str, Any]) -> None
 def cmd_train(args: argparse.Namespace) -> None:
     from dreamenv.train import TrainConfig, train_world_model
 
-    recipe = load_recipe(args.config).get("train", {})
-    if args.model == "rssm":
+    recipe_model, recipe = recipe_world_model(load_recipe(args.config))
+    if (args.model or recipe_model) == "rssm":
         train_rssm_command(args, recipe)
         return
     rssm_only = {"--stoch": args.stoch, "--classes": args.classes, "--rssm-epochs": args.rssm_epochs}
@@ -118,6 +137,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     if held.get("mdnrnn"):
         m = held["mdnrnn"]
         print(f"held-out M  z NLL {m['z_nll']:.3f}, reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
+        if "return_correlation" in m:
+            print(f"            episode returns (teacher-forced): correlation {_fmt(m['return_correlation'])}, "
+                  f"mean abs. error {m['return_mae']:.2f}")
         print(_done_line(m))
     if held.get("rssm"):
         m = held["rssm"]
@@ -261,20 +283,25 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from dreamenv.data.collect import collect
     from dreamenv.evaluate import evaluate, format_table, format_temperature_table, plot_temperature_table, temperature_table
     from dreamenv.train import TrainConfig, train_world_model
+    from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
 
     recipe = load_recipe(args.config)
     run = recipe.get("run", {})
     if "env_id" not in run or "dir" not in run:
         raise ValueError(f"{args.config}: the recipe needs a [run] table with env_id and dir")
+    model, table = recipe_world_model(recipe)  # checked before collecting: a typo fails now, not an hour later
+    config = RSSMTrainConfig.from_dict(table) if model == "rssm" else TrainConfig.from_dict(table)
     root = Path(run["dir"])
-    rollouts, bundle, controller = root / "rollouts.h5", root / "bundle", root / "controller"
+    rollouts, bundle, controller = recipe_rollouts(run), root / "bundle", root / "controller"
     print(f"[1/4] collect -> {rollouts}")
     collect(run["env_id"], rollouts, **recipe.get("collect", {}))
-    print(f"[2/4] train V + M -> {bundle}")
+    print(f"[2/4] train {'the RSSM' if model == 'rssm' else 'V + M'} -> {bundle}")
     if (bundle / "manifest.json").is_file():
         print("      bundle exists: skipped (delete it to retrain)")
+    elif model == "rssm":
+        train_rssm_world_model(rollouts, bundle, config)
     else:
-        train_world_model(rollouts, bundle, TrainConfig.from_dict(recipe.get("train", {})))
+        train_world_model(rollouts, bundle, config)
     settings = dict(recipe.get("controller", {}))
     temperatures = settings.pop("temperatures", None)
     if temperatures is None:
@@ -306,16 +333,22 @@ def cmd_iterate(args: argparse.Namespace) -> None:
     from dreamenv.data.collect import collect
     from dreamenv.evaluate import evaluate, format_table
     from dreamenv.train import TrainConfig, train_world_model
+    from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
 
     recipe = load_recipe(args.config)
     run = recipe.get("run", {})
     root = Path(run.get("dir", ""))
     settings = recipe.get("iterate", {})
+    model, table = recipe_world_model(recipe)
+    fine_tuning = [key for key in ("warm_start", "mdn_epochs") if key in settings]
+    if model == "rssm" and fine_tuning:
+        raise ValueError(f"[iterate] {', '.join(fine_tuning)}: fine-tuning is MDN-RNN only for now; with an RSSM recipe "
+                         "each round retrains the RSSM from scratch on all the data (drop these settings)")
     bundle = Path(settings.get("bundle", root / "bundle"))
     controller = Path(settings.get("controller", root / "controller"))
     if not (bundle / "manifest.json").is_file() or not (controller / "controller.json").is_file():
         raise ValueError(f"no bundle {bundle} or controller {controller} yet: run `dreamenv pipeline {args.config}` first")
-    stores = [root / "rollouts.h5", *(Path(extra) for extra in settings.get("extra_data", []))]
+    stores = [recipe_rollouts(run), *(Path(extra) for extra in settings.get("extra_data", []))]
     controller_settings = {k: v for k, v in recipe.get("controller", {}).items() if k != "temperatures"}
     for number in range(1, args.rounds + 1):
         step = root / f"{settings.get('name', 'round')}{number}"
@@ -323,9 +356,14 @@ def cmd_iterate(args: argparse.Namespace) -> None:
         stores.append(collect(run["env_id"], step / "rollouts.h5", episodes=int(settings.get("episodes", 200)),
                               workers=int(settings.get("workers", 2)), backend=settings.get("backend", "process"), policy="controller",
                               controller=str(controller), bundle=str(bundle), seed=int(settings.get("seed", 10**6 * number))))
-        if not (step / "bundle" / "manifest.json").is_file():
+        if (step / "bundle" / "manifest.json").is_file():
+            print(f"round {number}: bundle exists: not retrained")
+        elif model == "rssm":
+            print(f"round {number}: retrain the RSSM from scratch on {len(stores)} stores")
+            train_rssm_world_model(stores, step / "bundle", RSSMTrainConfig.from_dict(table))
+        else:
             print(f"round {number}: retrain M on {len(stores)} stores, V from {root / 'bundle'}")
-            config = TrainConfig.from_dict(recipe.get("train", {}))
+            config = TrainConfig.from_dict(table)
             if "mdn_epochs" in settings:  # e.g. fewer epochs when fine-tuning the previous round's M (warm_start)
                 config.mdnrnn.epochs = int(settings["mdn_epochs"])
             train_world_model(stores, step / "bundle", config, vae_from=root / "bundle",
@@ -364,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train V then M (or an RSSM) on rollouts and write a bundle (resumable)")
     p.add_argument("data", nargs="+", help="rollout index file(s) written by `dreamenv collect`, all of one env")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--model", choices=["mdnrnn", "rssm"], default="mdnrnn",
-                   help="mdnrnn: V + M (World Models, default); rssm: DreamerV3's RSSM (docs/rssm.md)")
+    p.add_argument("--model", choices=WORLD_MODELS,
+                   help="mdnrnn: V + M (World Models); rssm: DreamerV3's RSSM (docs/rssm.md). Default: the recipe's "
+                   "[train] model, else mdnrnn")
     p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] (or [train.rssm]) tables")
     p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
     p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only)")
@@ -443,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or cmaes (the paper's controller)")
     p.add_argument("bundle", help="bundle directory or shipped name")
     p.add_argument("--algo", required=True, choices=["ppo", "actor-critic", "cmaes"],
-                   help="ppo: SB3 PPO on batched dreams; actor-critic: learned in imagination (Discrete actions); cmaes: `dreamenv controller`")
+                   help="ppo: SB3 PPO on batched dreams; actor-critic: learned in imagination (Discrete or Box actions); cmaes: `dreamenv controller`")
     p.add_argument("--out", required=True, help="directory to write (agent.json beside the weights); rerun to resume")
     p.add_argument("--config", help="TOML recipe: its [ppo], [actor_critic] or [controller] (cmaes) table")
     p.add_argument("--timesteps", type=int, help="ppo, actor-critic: dream steps to train on (ppo default 1,000,000)")
@@ -479,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML recipe, e.g. configs/vizdoom_takecover_quick.toml")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M, retrain C")
+    p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M (or the "
+                       "RSSM), retrain C")
     p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller, extra_data, "
-                   "warm_start, mdn_epochs, name)")
+                   "name; MDN-RNN only: warm_start, mdn_epochs)")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)
     return parser

@@ -179,12 +179,16 @@ def train_mdnrnn(
 
 @torch.inference_mode()
 def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: MDNRNNConfig) -> dict[str, float]:
-    """Held-out z NLL, reward error and done precision/recall (threshold 0.5, and expected under sampling)."""
+    """Held-out z NLL, reward error, done precision/recall (threshold 0.5, and expected under sampling), and how
+    well the reward head's teacher-forced episode returns track the real ones (Pearson r, mean abs. error)."""
     if not episodes:
         return {}
     nll_sum = nll_n = rew_sq = rew_abs = steps = 0.0
     tp = fp = fn = exp_tp = exp_fp = positives = 0.0
-    for batch in sequence_batches(episodes, config.seq_len, 64, np.random.default_rng(0)):
+    real_returns: list[float] = []
+    predicted_returns: list[float] = []
+    whole_episodes = max(len(e.actions) for e in episodes)  # one row per episode, so rows sum to episode returns
+    for batch in sequence_batches(episodes, whole_episodes, 16, np.random.default_rng(0)):
         out, _ = model(batch["mu"][:, :-1], batch["actions"])
         step_mask, next_mask = batch["step_mask"], batch["next_mask"]
         nll_sum += (mdn_nll(out, batch["mu"][:, 1:]) * next_mask).sum().item()
@@ -193,6 +197,8 @@ def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: M
         rew_sq += err.pow(2).sum().item()
         rew_abs += err.abs().sum().item()
         steps += step_mask.sum().item()
+        real_returns += (batch["rewards"] * step_mask).sum(1).tolist()
+        predicted_returns += (out.reward * step_mask).sum(1).tolist()
         prob = torch.sigmoid(out.done_logit) * step_mask
         truth = batch["dones"] * step_mask
         pred = (prob > 0.5).float()
@@ -214,9 +220,18 @@ def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: M
         "done_precision_sampled": ratio(exp_tp, exp_tp + exp_fp),
         "done_recall_sampled": ratio(exp_tp, positives),
         "terminal_steps": positives,
+        "return_correlation": return_correlation(real_returns, predicted_returns),
+        "return_mae": float(np.mean(np.abs(np.subtract(predicted_returns, real_returns)))),
         "steps": steps,
         "episodes": len(episodes),
     }
+
+
+def return_correlation(real: Sequence[float], predicted: Sequence[float]) -> float | None:
+    """Pearson correlation of real and predicted episode returns; None with fewer than 2 episodes or no spread."""
+    if len(real) < 2 or np.std(real) == 0 or np.std(predicted) == 0:
+        return None
+    return float(np.corrcoef(real, predicted)[0, 1])
 
 
 def encode_action_array(space: gym.Space, actions: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The RSSM world model: the model's math, training, the bundle, and every bundle consumer (Dream/Real/vector envs,
-SB3 adapter, CMA-ES, evaluate, dream GIF, info, collect with a controller) on tiny RSSM bundles."""
+SB3 adapter, CMA-ES, evaluate, dream GIF, info, collect with a controller, pipeline and iterate) on tiny RSSM bundles."""
 from __future__ import annotations
 
 import json
@@ -36,7 +36,8 @@ from dreamenv.train import encode_action_array, load_rollout_data
 from dreamenv.train_rssm import RSSMTrainConfig, rssm_losses, train_rssm, train_rssm_world_model
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
 from tests.conftest import Tiny, tiny_cmaes_config
-from tests.tiny_envs import MODULE
+from tests.test_vector import tiny_recipe
+from tests.tiny_envs import MODULE, PIXELS_ID
 
 
 def tiny_rssm_config(epochs: int = 2) -> RSSMConfig:
@@ -508,6 +509,58 @@ def test_collect_with_a_controller_of_an_rssm_bundle(rssm_discrete: TinyRSSM, tm
                   controller=str(rssm_discrete.controller), bundle=str(rssm_discrete.bundle), backend="serial", progress=False)
     with open_rollouts(out) as rollouts:
         assert rollouts.num_episodes == 2 and set(np.unique(rollouts.load_arrays()["actions"])) <= {0, 1, 2}
+
+
+# --- pipeline and iterate -------------------------------------------------------------------------------------
+
+TINY_RSSM_TABLES = """
+[train]
+model = "rssm"
+[train.rssm]
+deter = 16
+hidden = 16
+stoch = 4
+classes = 4
+cnn_depth = 4
+seq_len = 16
+batch_size = 8
+epochs = 1
+"""
+
+
+def test_pipeline_and_iterate_with_an_rssm(tmp_path: Path) -> None:
+    """[train] model = "rssm": pipeline trains an RSSM bundle (on another run's store, given as [run] rollouts), then
+    CMA-ES and evaluation as for V + M; iterate retrains the RSSM from scratch on all the data."""
+    store = collect(f"{MODULE}:{PIXELS_ID}", tmp_path / "shared" / "rollouts.h5", 6, backend="serial", progress=False)
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "shared" / "rollouts.shards").iterdir()}
+    recipe = tiny_recipe(tmp_path, 6, run=f'rollouts = "{store}"', train=TINY_RSSM_TABLES,
+                         tables='[iterate]\nepisodes = 3\nbackend = "serial"\n')
+    assert main(["pipeline", str(recipe)]) == 0
+    run = tmp_path / "run"
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards and not (run / "rollouts.h5").exists()  # reused, not recollected
+    manifest = read_manifest(run / "bundle")
+    assert manifest["model_kind"] == "rssm" and manifest["rssm"]["deter"] == 16 and manifest["rssm"]["epochs"] == 1
+    assert manifest["info"]["data"]["rollouts"] == [str(store)]
+    assert load_controller(run / "controller", run / "bundle").obs_dim == OBS_DIM
+    assert json.loads((run / "results.json").read_text())["actual"]["episodes"] == 2
+    argv = ["train", str(store), "--out", str(tmp_path / "again"), "--work-dir", str(run / "bundle.work"), "--config", str(recipe)]
+    assert main(argv) == 0  # `dreamenv train` takes the model from the recipe: it resumes the finished RSSM run
+    assert read_manifest(tmp_path / "again")["files"] == manifest["files"]
+
+    assert main(["iterate", str(recipe), "--rounds", "1"]) == 0
+    round_manifest = read_manifest(run / "round1" / "bundle")
+    assert round_manifest["model_kind"] == "rssm" and round_manifest["info"]["data"]["episodes"] == 6 + 3
+    assert json.loads((run / "round1" / "results.json").read_text())["actual"]["episodes"] == 2
+
+
+def test_pipeline_refuses_unknown_models_and_rssm_fine_tuning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tiny_recipe(tmp_path, 6, train=TINY_RSSM_TABLES.replace('"rssm"', '"transformer"'))
+    assert main(["pipeline", str(recipe)]) == 2
+    assert "[train] model = 'transformer': the allowed values are 'mdnrnn', 'rssm'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before collecting
+    recipe = tiny_recipe(tmp_path, 6, train=TINY_RSSM_TABLES, tables="[iterate]\nwarm_start = true\nmdn_epochs = 1\n")
+    assert main(["iterate", str(recipe)]) == 2
+    assert "[iterate] warm_start, mdn_epochs: fine-tuning is MDN-RNN only for now" in capsys.readouterr().err
 
 
 # --- fidelity ---------------------------------------------------------------------------------------------------

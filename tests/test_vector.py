@@ -135,17 +135,7 @@ def test_collect_with_a_controller(tiny_discrete: Tiny, tmp_path: Path) -> None:
         collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "x.h5", 1, policy="controller", progress=False)
 
 
-def test_pipeline_and_iterate(tmp_path: Path) -> None:
-    from dreamenv.cli import main
-
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(f"""
-[run]
-env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
-dir = "{tmp_path / 'run'}"
-[collect]
-episodes = 6
-backend = "serial"
+TINY_V_AND_M = """
 [train.vae]
 z_dim = 4
 epochs = 1
@@ -154,14 +144,42 @@ batch_size = 32
 hidden_size = 16
 epochs = 1
 seq_len = 16
+"""
+
+
+def tiny_recipe(tmp_path: Path, episodes: int, *, run: str = "", train: str = TINY_V_AND_M, controller: str = "",
+                tables: str = "") -> Path:
+    """tmp_path/tiny.toml, a tiny pipeline on TinyPixels (run dir tmp_path/run): `episodes` random episodes, the `train`
+    tables (V z 4 and M LSTM 16 for one epoch), one CMA-ES generation, two scored episodes; `run` and `controller`
+    add lines to those tables, `tables` more tables."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f"""
+[run]
+env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
+dir = "{tmp_path / 'run'}"
+{run}
+[collect]
+episodes = {episodes}
+backend = "serial"
+{train}
 [controller]
 population = 4
 rollouts = 2
 generations = 1
 max_steps = 20
+{controller}
 [evaluate]
 episodes = 2
 backend = "serial"
+{tables}
+""")
+    return recipe
+
+
+def test_pipeline_and_iterate(tmp_path: Path) -> None:
+    from dreamenv.cli import main
+
+    recipe = tiny_recipe(tmp_path, 6, tables="""
 [iterate]
 episodes = 3
 backend = "serial"
@@ -188,33 +206,10 @@ mdn_epochs = 1
 def test_pipeline_one_controller_per_temperature(tmp_path: Path) -> None:
     from dreamenv.cli import main
 
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(f"""
-[run]
-env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
-dir = "{tmp_path / 'run'}"
-[collect]
-episodes = 4
-backend = "serial"
-[train.vae]
-z_dim = 4
-epochs = 1
-batch_size = 32
-[train.mdnrnn]
-hidden_size = 16
-epochs = 1
-seq_len = 16
-[controller]
+    recipe = tiny_recipe(tmp_path, 4, controller="""
 temperatures = [0.5, 1.3]
-population = 4
-rollouts = 2
-generations = 1
-max_steps = 20
 done_mode = "threshold"
 done_threshold = 0.3
-[evaluate]
-episodes = 2
-backend = "serial"
 """)
     assert main(["pipeline", str(recipe)]) == 0
     run = tmp_path / "run"

@@ -1,15 +1,22 @@
-"""A Dreamer-style actor-critic learned in imagination (DreamerV3's recipe, Discrete actions).
+"""A Dreamer-style actor-critic learned in imagination (DreamerV3's recipe), for Discrete and Box actions.
 
-Actor and critic are MLPs on the latent observation. Each update imagines `horizon` steps of `batch` dreams (one
-DreamVectorEnv batch) with the current actor; the dreams go on from where the last update left them and restart
-from the bundle's initial-state bank when M ends them, so starts cover whole episodes, not only their first steps.
-Lambda-returns bootstrap from a slow target critic; the critic regresses them in symlog space; the actor follows
-REINFORCE with advantages divided by max(1, EMA of the returns' 5th-95th percentile range), plus an entropy bonus.
+Actor and critic are MLPs on the latent observation. Each update imagines `horizon` steps of `batch` dreams with the
+current actor, stepped as one batch by the bundle's dream core. As in DreamerV3, the imagined rollouts start from
+latent states of real episodes: the bundle's recorded rollouts, followed by V + M (or the RSSM's posterior) exactly as
+RealEnv follows the game. Without readable rollouts the dreams start from the bundle's initial-state bank and go on
+from where the last update left them, so the starts still cover whole dream episodes. A dream M ends restarts from the
+same kind of start. Lambda-returns bootstrap from a slow target critic; the critic regresses them in symlog space; the
+actor follows REINFORCE (the dream samples MDN noise, so it is not differentiated through) with advantages divided by
+max(1, EMA of the returns' 5th-95th percentile range), plus an entropy bonus. Discrete actions come from a categorical
+with 1% uniform mixed in, Box actions from DreamerV3's bounded normal: mean tanh(.), std in [0.1, 1], samples clipped
+to [-1, 1] and mapped linearly onto the Box's [low, high].
 """
 from __future__ import annotations
 
 import copy
 import json
+import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +31,22 @@ from tqdm.auto import tqdm
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import config_from_table
+from dreamenv.data.dataset import open_rollouts
+from dreamenv.envs.dream import DreamCore, dream_core
+from dreamenv.envs.real import latent_filter
+from dreamenv.envs.rssm_core import RSSMDreamCore
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
+from dreamenv.worldmodel import WorldModel
 
 WEIGHTS_FILE = "actor_critic.safetensors"
+FILTER_GROUP = 16  # real episodes followed side by side when building the start bank
 
 
 @dataclass
 class ActorCriticConfig:
-    """Imagination training; entropy scale, return percentiles, target-critic rate and unimix are DreamerV3's."""
+    """Imagination training; entropy scale, return percentiles, target-critic rate, unimix and the Box actor's std
+    bounds are DreamerV3's."""
 
     iterations: int = 5000  # updates, each on batch x horizon imagined steps
     batch: int = 256  # dreams imagined side by side
@@ -46,7 +60,11 @@ class ActorCriticConfig:
     entropy: float = 3e-4  # scale of the entropy bonus
     target_rate: float = 0.02  # the target critic moves this fraction towards the critic after each update
     return_decay: float = 0.99  # EMA of the returns' 5th-95th percentile range
-    unimix: float = 0.01  # mix of the uniform distribution into the actor's
+    unimix: float = 0.01  # Discrete: mix of the uniform distribution into the actor's
+    min_std: float = 0.1  # Box: the actor's normal has a std in [min_std, max_std] (in units of half the Box's width)
+    max_std: float = 1.0
+    real_starts: bool | None = None  # start from real episodes' states: None = when the bundle's rollouts are readable
+    real_start_episodes: int = 64  # real episodes followed to build the start bank (ours: DreamerV3 replays its data)
     temperature: float | None = None  # None: the bundle's default
     done_mode: str = "sample"
     done_threshold: float = 0.5
@@ -54,11 +72,13 @@ class ActorCriticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch", "horizon", "hidden", "layers", "checkpoint_every"):
+        for name in ("iterations", "batch", "horizon", "hidden", "layers", "checkpoint_every", "real_start_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got gamma {self.gamma}, lam {self.lam}")
+        if not 0 < self.min_std <= self.max_std:
+            raise ValueError(f"need 0 < min_std <= max_std, got min_std {self.min_std}, max_std {self.max_std}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ActorCriticConfig":
@@ -102,19 +122,64 @@ def lambda_returns(
     return returns
 
 
-class ActorCritic(nn.Module):
-    """Actor (action logits), critic (symlog value) and its slow copy, the target critic."""
+@dataclass(frozen=True)
+class ActionHead:
+    """The actor's outputs as an action distribution and as env actions: a categorical with `unimix` of the uniform
+    for Discrete; for Box, DreamerV3's bounded normal (mean tanh(.), std in [min_std, max_std]) whose samples, in
+    [-1, 1] units, are clipped and mapped linearly onto the Box's [low, high]."""
 
-    def __init__(self, obs_dim: int, actions: int, hidden: int, layers: int) -> None:
+    space: gym.Space
+    unimix: float = 0.01
+    min_std: float = 0.1
+    max_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.space, gym.spaces.Box):
+            if not (np.all(np.isfinite(self.space.low)) and np.all(np.isfinite(self.space.high))):
+                raise ValueError(f"the actor-critic maps its actions into the Box's bounds; {self.space} has infinite bounds")
+        elif not isinstance(self.space, gym.spaces.Discrete):
+            raise ValueError(f"the actor-critic acts in Discrete or Box spaces, not {self.space}")
+
+    @property
+    def outputs(self) -> int:
+        """Width of the actor's output: one logit per action, or a mean and a std per Box dimension."""
+        if isinstance(self.space, gym.spaces.Discrete):
+            return int(self.space.n)
+        return 2 * int(np.prod(self.space.shape))
+
+    def distribution(self, out: torch.Tensor) -> torch.distributions.Distribution:
+        """The actor's distribution over actions (indices from 0, or Box actions in [-1, 1] units before clipping)."""
+        if isinstance(self.space, gym.spaces.Discrete):
+            probs = torch.softmax(out, -1)
+            return torch.distributions.Categorical(probs=(1 - self.unimix) * probs + self.unimix / probs.shape[-1])
+        mean, std = out.chunk(2, -1)
+        std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+        return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+
+    def mode(self, out: torch.Tensor) -> torch.Tensor:
+        """The most likely action, in the distribution's units."""
+        if isinstance(self.space, gym.spaces.Discrete):
+            return out.argmax(-1)
+        return torch.tanh(out.chunk(2, -1)[0])
+
+    def to_env(self, actions: torch.Tensor) -> np.ndarray:
+        """A batch of the distribution's actions as env actions: int64 (N,) with the space's start, or (N, *shape)
+        in the Box's dtype, within [low, high]."""
+        if isinstance(self.space, gym.spaces.Discrete):
+            return actions.numpy().astype(np.int64) + int(self.space.start)
+        unit = actions.clamp(-1.0, 1.0).double().numpy().reshape(len(actions), *self.space.shape)
+        low, high = self.space.low.astype(np.float64), self.space.high.astype(np.float64)
+        return np.clip(low + (unit + 1.0) / 2.0 * (high - low), low, high).astype(self.space.dtype)
+
+
+class ActorCritic(nn.Module):
+    """Actor (the action head's inputs), critic (symlog value) and its slow copy, the target critic."""
+
+    def __init__(self, obs_dim: int, outputs: int, hidden: int, layers: int) -> None:
         super().__init__()
-        self.actor = mlp(obs_dim, actions, hidden, layers)
+        self.actor = mlp(obs_dim, outputs, hidden, layers)
         self.critic = mlp(obs_dim, 1, hidden, layers)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
-
-    def policy(self, obs: torch.Tensor, unimix: float) -> torch.distributions.Categorical:
-        """The actor's distribution, with `unimix` of the uniform mixed in (no action's probability reaches zero)."""
-        probs = torch.softmax(self.actor(obs), -1)
-        return torch.distributions.Categorical(probs=(1 - unimix) * probs + unimix / probs.shape[-1])
 
     @torch.no_grad()
     def update_target(self, rate: float) -> None:
@@ -126,9 +191,10 @@ class ActorCritic(nn.Module):
 class ActorCriticPolicy:
     """The trained actor as a policy: predict(obs, deterministic=True) -> (action, None), SB3-style."""
 
-    def __init__(self, actor: nn.Module, action_space: gym.spaces.Discrete, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, actor: nn.Module, head: ActionHead, info: dict[str, Any] | None = None) -> None:
         self.actor = actor
-        self.action_space = action_space
+        self.head = head
+        self.action_space = head.space
         self.info = info or {}
 
     @torch.inference_mode()
@@ -136,16 +202,16 @@ class ActorCriticPolicy:
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
         """The most likely action (deterministic) or a sample, for one observation or a batch."""
         obs = torch.as_tensor(np.asarray(observation, np.float32))
-        logits = self.actor(obs.reshape(-1, obs.shape[-1]))
-        index = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
-        actions = index.numpy().astype(np.int64) + int(self.action_space.start)
+        out = self.actor(obs.reshape(-1, obs.shape[-1]))
+        actions = self.head.to_env(self.head.mode(out) if deterministic else self.head.distribution(out).sample())
         return (actions[0] if obs.ndim == 1 else actions), None
 
     def save(self, path: str | Path) -> None:
-        """Write the actor's weights as safetensors, with its shape and action space as JSON metadata."""
+        """Write the actor's weights as safetensors, with its shape, action space and head as JSON metadata."""
         linear = [m for m in self.actor if isinstance(m, nn.Linear)]
         meta = {"obs_dim": linear[0].in_features, "hidden": linear[0].out_features, "layers": len(linear) - 1,
-                "action_space": space_to_json(self.action_space)}
+                "action_space": space_to_json(self.head.space),
+                "head": {"unimix": self.head.unimix, "min_std": self.head.min_std, "max_std": self.head.max_std}}
         save_file({k: v.contiguous() for k, v in self.actor.state_dict().items()}, str(Path(path) / WEIGHTS_FILE),
                   metadata={"actor": json.dumps(meta)})
 
@@ -157,63 +223,145 @@ class ActorCriticPolicy:
         weights = Path(path) / WEIGHTS_FILE
         with safe_open(str(weights), "pt") as handle:
             meta = json.loads(handle.metadata()["actor"])
-        space = space_from_json(meta["action_space"])
-        actor = mlp(meta["obs_dim"], int(space.n), meta["hidden"], meta["layers"])
+        head = ActionHead(space_from_json(meta["action_space"]), **meta.get("head", {}))
+        actor = mlp(meta["obs_dim"], head.outputs, meta["hidden"], meta["layers"])
         actor.load_state_dict(load_file(str(weights)))
-        return cls(actor, space, read_agent_info(path))
+        return cls(actor, head, read_agent_info(path))
+
+
+def recorded_rollouts(world_model: WorldModel) -> list[Path]:
+    """The rollout stores the bundle records training on; FileNotFoundError when it records none or one is not here."""
+    stores = [Path(p) for p in world_model.info.get("data", {}).get("rollouts", [])]
+    if not stores:
+        raise FileNotFoundError("the bundle records no rollout stores")
+    missing = [str(p) for p in stores if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the bundle's rollouts {missing} are not found here (paths are as recorded at training)")
+    return stores
+
+
+@torch.inference_mode()
+def real_start_bank(world_model: WorldModel, episodes: int, rng: np.random.Generator,
+                    progress: bool = False) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    """Every step's latent state of `episodes` random episodes of the bundle's rollouts, and its step number.
+
+    The states are what RealEnv sees (latent_filter: V's latents and M's recurrent state after each real prefix, or
+    the RSSM's posterior), as dream-core states, so imagination can start from real situations as in DreamerV3.
+    """
+    with ExitStack() as stack:
+        stores = [stack.enter_context(open_rollouts(path)) for path in recorded_rollouts(world_model)]
+        refs = [(store, int(start), int(end)) for store in stores for start, end in store.episode_bounds()]
+        actions = {id(store): store.load_arrays()["actions"] for store in stores}
+        chosen = rng.choice(len(refs), size=min(episodes, len(refs)), replace=False)
+        states, steps = [], []
+        for first in tqdm(range(0, len(chosen), FILTER_GROUP), desc="real starts", unit="group", disable=not progress):
+            group = [refs[i] for i in chosen[first : first + FILTER_GROUP]]
+            frames = [store.load_frames(np.arange(start, end)) for store, start, end in group]
+            acts = [actions[id(store)][start:end] for store, start, end in group]
+            lengths = np.array([end - start for _, start, end in group])
+            tracker = latent_filter(world_model, len(group))
+            for t in range(int(lengths.max())):
+                last = np.minimum(t, lengths - 1)  # ended episodes repeat their last frame and action, dropped below
+                tracker.observe(np.stack([f[i] for f, i in zip(frames, last)]))
+                rows = torch.from_numpy(np.flatnonzero(t < lengths))
+                here = tracker.dream_state()
+                states.append(type(here)(*(x[rows] for x in here)))
+                steps.append(np.full(len(rows), t, np.int64))
+                tracker.advance(np.stack([a[i] for a, i in zip(acts, last)]))
+    return type(states[0])(*(torch.cat(parts) for parts in zip(*states))), np.concatenate(steps)
+
+
+class StartStates:
+    """Where imagined rollouts start: rows of a real-state bank (real_start_bank), or without one the bundle's
+    initial-state bank (encoded first frames, recurrent state 0)."""
+
+    def __init__(self, core: DreamCore | RSSMDreamCore, bank: tuple[tuple[torch.Tensor, ...], np.ndarray] | None) -> None:
+        self.core = core
+        self.bank = bank
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+        """n random start states (a dream-core state) and the episode step each one is at."""
+        if self.bank is None:
+            index = rng.integers(0, self.core.wm.initial_z.shape[0], n)
+            return self.core.initial_state(index), np.zeros(n, np.int64)
+        states, steps = self.bank
+        rows = rng.integers(0, len(steps), n)
+        return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows]
 
 
 def train_actor_critic(
     bundle: str | Path, out: str | Path, config: ActorCriticConfig | None = None, progress: bool = True
 ) -> ActorCriticPolicy:
-    """Learn a policy in imagination (Discrete actions); writes out/actor_critic.safetensors + out/agent.json and
-    resumes from out/train/ (model and optimiser checkpoint)."""
-    from dreamenv.envs.vector import DreamVectorEnv
+    """Learn a policy in imagination (Discrete or Box actions); writes out/actor_critic.safetensors + out/agent.json
+    and resumes from out/train/ (model and optimiser checkpoint).
 
+    config.real_starts None starts every update from real episodes' states when the bundle's recorded rollouts are
+    readable here, and otherwise (with a warning) from the initial-state bank; True makes missing rollouts an error,
+    False always uses the initial-state bank. agent.json's "starts" says which one ran.
+    """
     config = config or ActorCriticConfig()
     wm = load_world_model(bundle)
-    space = wm.action_space
-    if not isinstance(space, gym.spaces.Discrete):
-        raise ValueError(f"the actor-critic learns Discrete actions (REINFORCE), this bundle acts in {space}: "
-                         "train PPO instead (dreamenv train-agent BUNDLE --algo ppo)")
+    head = ActionHead(wm.action_space, config.unimix, config.min_std, config.max_std)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "agent.json").is_file():
         check_agent_bundle(read_agent_info(out), wm, out)
     temperature = wm.default_temperature if config.temperature is None else float(config.temperature)
     torch.manual_seed(config.seed)
-    env = DreamVectorEnv(config.batch, wm, temperature=temperature, done_mode=config.done_mode,
-                         done_threshold=config.done_threshold, autoreset_mode="SameStep")
-    model = ActorCritic(wm.latent_obs_dim, int(space.n), config.hidden, config.layers)
+    bank = None
+    if config.real_starts is not False:
+        try:
+            bank = real_start_bank(wm, config.real_start_episodes, np.random.default_rng(config.seed), progress)
+        except FileNotFoundError as err:
+            if config.real_starts:
+                raise ValueError(f"real_starts needs the bundle's rollouts: {err}; set real_starts = false to start "
+                                 "from the bundle's initial states") from None
+            warnings.warn(f"actor-critic: imagination starts from the bundle's initial states: {err}", stacklevel=2)
+    core = dream_core(wm)
+    starts = StartStates(core, bank)
+    model = ActorCritic(wm.latent_obs_dim, head.outputs, config.hidden, config.layers)
     optimizer = torch.optim.Adam([{"params": model.actor.parameters(), "lr": config.actor_lr},
                                   {"params": model.critic.parameters(), "lr": config.critic_lr}], eps=1e-5)
     state = load_checkpoint(out / "train", model, optimizer) or {"iteration": 0, "return_range": 0.0, "history": []}
     source = str(resolve_bundle(bundle)) if Path(bundle).exists() else str(bundle)  # shipped names stay names
-    obs, _ = env.reset(seed=config.seed + state["iteration"])
+    rng = np.random.default_rng([config.seed, state["iteration"]])
+    dream, elapsed = None, np.zeros(config.batch, np.int64)
     episode_return, finished = np.zeros(config.batch), []
+    start_info = {"starts": "initial"} if bank is None else {"starts": "real", "real_start_states": len(bank[1])}
 
     def save() -> None:
         save_checkpoint(out / "train", model, optimizer, state)
-        ActorCriticPolicy(model.actor, space).save(out)
+        ActorCriticPolicy(model.actor, head).save(out)
         write_agent_info(out, "actor-critic", wm, source, {"temperature": temperature, "iterations": state["iteration"],
-                                                            "config": asdict(config), "history": state["history"]})
+                                                            **start_info, "config": asdict(config), "history": state["history"]})
 
     bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
                desc=f"actor-critic in the dream, tau={temperature:g}", disable=not progress)
     while state["iteration"] < config.iterations:
+        if dream is None or bank is not None:  # with real starts, every update imagines from fresh ones (DreamerV3)
+            dream, elapsed = starts.draw(config.batch, rng)
         steps = {"obs": [], "actions": [], "rewards": [], "terminated": [], "ended": [], "successors": []}
         for _ in range(config.horizon):  # imagine with the current actor
+            obs = core.latent_obs(dream)
             with torch.no_grad():
-                actions = model.policy(torch.from_numpy(obs), config.unimix).sample().numpy()
-            following, rewards, terminated, truncated, infos = env.step(actions + int(space.start))
-            ended = terminated | truncated
-            successors = np.where(ended[:, None], infos["final_obs"], following) if ended.any() else following
+                actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
+            dream, rewards, terminated = core.step(dream, wm.encode_actions(head.to_env(actions)), temperature,
+                                                   core.draw_noise(rng, config.batch), config.done_mode, config.done_threshold)
+            elapsed += 1
+            ended = terminated | (elapsed >= wm.max_episode_steps)
+            successors = core.latent_obs(dream)
+            if ended.any():  # ended dreams restart at once (their last observation is in successors)
+                rows = np.flatnonzero(ended)
+                fresh, elapsed[rows] = starts.draw(len(rows), rng)
+                with torch.inference_mode():  # the state tensors come from inference-mode steps
+                    for old, new in zip(dream, fresh):
+                        old[torch.from_numpy(rows)] = new
             for key, value in zip(steps, (obs, actions, rewards, terminated, ended, successors)):
                 steps[key].append(torch.as_tensor(value))
-            episode_return += rewards
-            finished.extend(episode_return[ended].tolist())
-            episode_return[ended] = 0.0
-            obs = following
+            if bank is None:  # dreams run whole episodes from their first state: their returns are dream scores
+                episode_return += rewards
+                finished.extend(episode_return[ended].tolist())
+                episode_return[ended] = 0.0
         batch = {key: torch.stack(values) for key, values in steps.items()}
         with torch.no_grad():
             next_values = symexp(model.target_critic(batch["successors"]).squeeze(-1))
@@ -224,7 +372,7 @@ def train_actor_critic(
             state["return_range"] = decay * state["return_range"] + (1 - decay) * float(high - low)
         critic_out = model.critic(batch["obs"]).squeeze(-1)
         advantage = (returns - symexp(critic_out.detach())) / max(1.0, state["return_range"])
-        dist = model.policy(batch["obs"], config.unimix)
+        dist = head.distribution(model.actor(batch["obs"]))
         actor_loss = -(advantage * dist.log_prob(batch["actions"])).mean() - config.entropy * dist.entropy().mean()
         critic_loss = (critic_out - symlog(returns)).pow(2).mean()
         optimizer.zero_grad()
@@ -234,8 +382,8 @@ def train_actor_critic(
         model.update_target(config.target_rate)
         state["iteration"] += 1
         bar.update(1)
-        if finished:
-            bar.set_postfix(dream_return=f"{np.mean(finished[-100:]):.1f}", refresh=False)
+        bar.set_postfix(imagined_reward=f"{float(batch['rewards'].mean()):.3g}",
+                        **({"dream_return": f"{np.mean(finished[-100:]):.1f}"} if finished else {}), refresh=False)
         if state["iteration"] % config.checkpoint_every == 0 or state["iteration"] == config.iterations:
             state["history"].append({"iteration": state["iteration"], "imagined_reward": float(batch["rewards"].mean()),
                                      "dream_return": float(np.mean(finished[-100:])) if finished else None})

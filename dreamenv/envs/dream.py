@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from gymnasium.utils import EzPickle
 
-from dreamenv.envs.noise import Noise, NoiseBuffer, draw_noise
+from dreamenv.envs.core import BatchedDreamCore
+from dreamenv.envs.noise import Noise, NoiseBuffer
 from dreamenv.envs.rssm_core import RSSMDreamCore
 from dreamenv.envs.spaces import check_action, observation_space
 from dreamenv.models.mdnrnn import MDNOutput, sample_mdn
@@ -28,7 +29,7 @@ class DreamState(NamedTuple):
     c: torch.Tensor
 
 
-class DreamCore:
+class DreamCore(BatchedDreamCore):
     """Batched MDN-RNN dream dynamics shared by DreamVectorEnv, CMA-ES and evaluation (RSSMDreamCore: the same
     methods for the RSSM; dream_core() picks by model kind).
 
@@ -62,14 +63,6 @@ class DreamCore:
         """z_0 = entries `index` of the bank of encoded first frames, h_0 = c_0 = 0."""
         zeros = torch.zeros(len(index), self.hidden_size)
         return DreamState(self.wm.initial_z[torch.as_tensor(index)].clone(), zeros, zeros.clone())
-
-    def draw_initial(self, rng: np.random.Generator) -> int:
-        """Index of a random entry of the initial-state bank."""
-        return int(rng.integers(0, self.wm.initial_z.shape[0]))
-
-    def draw_noise(self, rng: np.random.Generator, n: int) -> Noise:
-        """One step's noise for n dreams drawn from one generator."""
-        return draw_noise(rng, n, *self.noise_dims)
 
     @torch.inference_mode()
     def step(
@@ -114,10 +107,6 @@ class DreamCore:
     def pixels(self, state: DreamState) -> np.ndarray:
         """V's decoding of z_t as uint8 (N, 64, 64, 3)."""
         return tensor_to_frames(self.wm.vae.decode(state.z))
-
-    def observe(self, state: DreamState, obs_mode: str) -> np.ndarray:
-        """The batch of observations in `obs_mode`."""
-        return self.latent_obs(state) if obs_mode == "latent" else self.pixels(state)
 
 
 class SingleDream:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dreamenv.envs.noise import Noise, draw_noise
+from dreamenv.envs.core import BatchedDreamCore
+from dreamenv.envs.noise import Noise
 from dreamenv.models.rssm import sample_class, symexp
 from dreamenv.models.vae import tensor_to_frames
 from dreamenv.worldmodel import WorldModel
@@ -29,7 +30,7 @@ def split_first_linear(head: nn.Sequential) -> tuple[nn.Linear, list[nn.Module]]
     return first, list(head[1:])
 
 
-class RSSMDreamCore:
+class RSSMDreamCore(BatchedDreamCore):
     """Batched RSSM dreams: h' = GRU(h, [z, a]); z' ~ prior(h') at temperature; reward and continue heads on [h', z'].
 
     The same math as the RSSM's modules, arranged for the dream: z is one-hot, so a linear layer reading z is a
@@ -66,14 +67,6 @@ class RSSMDreamCore:
     def initial_state(self, index: np.ndarray) -> RSSMState:
         """z_0 = entries `index` of the bank of first-frame posteriors, h_0 = 0."""
         return RSSMState(self.model.initial_deter(len(index)), self.wm.initial_z[torch.as_tensor(index)].clone())
-
-    def draw_initial(self, rng: np.random.Generator) -> int:
-        """Index of a random entry of the initial-state bank."""
-        return int(rng.integers(0, self.wm.initial_z.shape[0]))
-
-    def draw_noise(self, rng: np.random.Generator, n: int) -> Noise:
-        """One step's noise for n dreams drawn from one generator."""
-        return draw_noise(rng, n, *self.noise_dims)
 
     @torch.inference_mode()
     def step(
@@ -118,7 +111,3 @@ class RSSMDreamCore:
     def pixels(self, state: RSSMState) -> np.ndarray:
         """The decoder's frame of the state as uint8 (N, 64, 64, 3)."""
         return tensor_to_frames(self.model.decode(self.model.feature(state.deter, state.stoch)))
-
-    def observe(self, state: RSSMState, obs_mode: str) -> np.ndarray:
-        """The batch of observations in `obs_mode`."""
-        return self.latent_obs(state) if obs_mode == "latent" else self.pixels(state)

@@ -1,0 +1,38 @@
+"""What every batched dream core shares: the initial-state draw, the noise draw and the observation switch."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from dreamenv.envs.noise import Noise, draw_noise
+from dreamenv.worldmodel import WorldModel
+
+
+class BatchedDreamCore(ABC):
+    """Base of DreamCore (MDN-RNN) and RSSMDreamCore: subclasses set `wm` and `noise_dims` and define
+    `latent_obs(state)` and `pixels(state)`, so the draws (and with them the seeding contract) live in one place."""
+
+    wm: WorldModel
+    noise_dims: tuple[int, int]  # (uniforms, normals) per env and step
+
+    def draw_initial(self, rng: np.random.Generator) -> int:
+        """Index of a random entry of the initial-state bank."""
+        return int(rng.integers(0, self.wm.initial_z.shape[0]))
+
+    def draw_noise(self, rng: np.random.Generator, n: int) -> Noise:
+        """One step's noise for n dreams drawn from one generator."""
+        return draw_noise(rng, n, *self.noise_dims)
+
+    @abstractmethod
+    def latent_obs(self, state: Any) -> np.ndarray:
+        """The batch's latent observations, float32 (N, latent_obs_dim)."""
+
+    @abstractmethod
+    def pixels(self, state: Any) -> np.ndarray:
+        """The batch's decoded frames, uint8 (N, 64, 64, 3)."""
+
+    def observe(self, state: Any, obs_mode: str) -> np.ndarray:
+        """The batch of observations in `obs_mode`."""
+        return self.latent_obs(state) if obs_mode == "latent" else self.pixels(state)

@@ -1,0 +1,220 @@
+"""The Dreamer-style actor-critic: lambda-returns, Discrete and Box policies, imagination from real states, train-agent."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dreamenv
+from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, StartStates, lambda_returns,
+                                          mlp, real_start_bank, train_actor_critic)
+from dreamenv.agents.saved import write_agent_info
+from dreamenv.cli import main
+from dreamenv.compare import load_policy
+from dreamenv.data.dataset import open_rollouts
+from dreamenv.envs.dream import dream_core
+from dreamenv.worldmodel import WorldModel
+from tests.conftest import Tiny
+
+CAR_RACING_LIKE = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))  # steer, gas, brake
+
+
+def _reference_lambda_returns(rewards, terminated, ended, next_values, gamma, lam):
+    """The recursion written out per column, in plain Python."""
+    horizon, batch = rewards.shape
+    returns = np.zeros((horizon, batch))
+    for b in range(batch):
+        for t in reversed(range(horizon)):
+            last = t == horizon - 1 or ended[t, b]
+            following = next_values[t, b] if last else returns[t + 1, b]
+            returns[t, b] = rewards[t, b] + gamma * (not terminated[t, b]) * ((1 - lam) * next_values[t, b] + lam * following)
+    return returns
+
+
+def test_lambda_returns() -> None:
+    rng = np.random.default_rng(0)
+    rewards, next_values = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    ended = rng.random((6, 5)) < 0.25
+    terminated = ended & (rng.random((6, 5)) < 0.5)
+    tensors = [torch.as_tensor(a) for a in (rewards, terminated, ended, next_values)]
+    for gamma, lam in [(0.9, 0.95), (0.99, 0.0), (1.0, 1.0)]:
+        np.testing.assert_allclose(lambda_returns(*tensors, gamma, lam).numpy(),
+                                   _reference_lambda_returns(rewards, terminated, ended, next_values, gamma, lam), atol=1e-12)
+    # lam = 0 is one-step TD; lam = 1 without ends is the discounted reward sum plus the discounted last value.
+    one_step = lambda_returns(*tensors, 0.9, 0.0).numpy()
+    np.testing.assert_allclose(one_step, rewards + 0.9 * ~terminated * next_values, atol=1e-12)
+    never = torch.zeros(6, 5, dtype=torch.bool)
+    full = lambda_returns(tensors[0], never, never, tensors[3], 0.9, 1.0).numpy()
+    discounts = 0.9 ** np.arange(6)
+    np.testing.assert_allclose(full[0], discounts @ rewards + 0.9**6 * next_values[-1], atol=1e-12)
+
+
+def _rigged_bundle(tiny: Tiny, path: Path) -> Path:
+    """The tiny bundle with M rewired so that reward = tanh(tanh(x)), x = 10 * [action == 2] - 5 for Discrete(3) and
+    x = 5 * action[0] for Box(-1, 1, (2,)): +0.76 for action 2 or action[0] = 1, -0.76 at the other end; dreams never end."""
+    wm = WorldModel.load(tiny.bundle)
+    m = wm.mdnrnn
+    hidden, z_dim = m.hidden_size, m.z_dim
+    column, weight, bias = (z_dim + 2, 10.0, -5.0) if tiny.kind == "discrete" else (z_dim, 5.0, 0.0)
+    with torch.no_grad():
+        for parameter in m.lstm.parameters():
+            parameter[[gate * hidden for gate in range(4)]] = 0.0  # unit 0 of each gate (i, f, g, o) listens to nothing...
+        m.lstm.bias_ih_l0[[0, hidden, 3 * hidden]] = torch.tensor([10.0, -10.0, 10.0])  # ...input open, no memory, output open
+        m.lstm.weight_ih_l0[2 * hidden, column] = weight  # ...and its cell input is tanh(x)
+        m.lstm.bias_ih_l0[2 * hidden] = bias
+        m.reward_head.weight.zero_()
+        m.reward_head.bias.zero_()
+        m.reward_head.weight[0, 0] = 1.0  # reward = h[0]
+        m.done_head.weight.zero_()
+        m.done_head.bias.fill_(-20.0)
+    return wm.save(path)
+
+
+def _small(**overrides) -> ActorCriticConfig:
+    """A config for tiny runs: 32 dreams x 8 steps, one hidden layer of 32, fast learning rates."""
+    settings = dict(iterations=60, batch=32, horizon=8, hidden=32, layers=1, actor_lr=3e-3, critic_lr=3e-3, checkpoint_every=30)
+    return ActorCriticConfig(**{**settings, **overrides})
+
+
+def test_actor_critic_learns_the_rewarded_action(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    bundle = _rigged_bundle(tiny_discrete, tmp_path / "rigged")
+    policy = train_actor_critic(bundle, tmp_path / "ac", _small(), progress=False)
+    history = json.loads((tmp_path / "ac" / "agent.json").read_text())["history"]
+    # A uniform policy earns (0.76 - 2 * 0.76) / 3 = -0.25 a step; always action 2 earns 0.76.
+    assert [h["iteration"] for h in history] == [30, 60]
+    assert history[-1]["imagined_reward"] > 0.6 and history[-1]["imagined_reward"] > history[0]["imagined_reward"]
+    obs, _ = dreamenv.make_dream_vec(bundle, 64).reset(seed=1)
+    actions, _ = policy.predict(obs, deterministic=True)
+    assert np.mean(actions == 2) > 0.9
+    assert policy.predict(obs[0])[0] == actions[0]  # one observation or a batch
+
+
+def test_actor_critic_learns_a_box_action(tiny_box: Tiny, tmp_path: Path) -> None:
+    bundle = _rigged_bundle(tiny_box, tmp_path / "rigged")
+    policy = train_actor_critic(bundle, tmp_path / "ac", _small(), progress=False)
+    info = json.loads((tmp_path / "ac" / "agent.json").read_text())
+    # The untrained actor's actions centre on 0 (reward about 0); steering action[0] to the top earns up to 0.76.
+    rewards = [h["imagined_reward"] for h in info["history"]]
+    assert rewards[-1] > 0.65 and rewards[-1] > rewards[0]
+    obs, _ = dreamenv.make_dream_vec(bundle, 64).reset(seed=1)
+    actions, _ = policy.predict(obs, deterministic=True)
+    assert actions.dtype == np.float32 and actions.shape == (64, 2)
+    assert np.all(actions >= -1) and np.all(actions <= 1) and np.mean(actions[:, 0] > 0.5) > 0.9
+
+
+def test_box_policy_stays_in_bounds_and_round_trips(tiny_box: Tiny, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    head = ActionHead(CAR_RACING_LIKE)
+    actor = mlp(6, head.outputs, 16, 1)
+    with torch.no_grad():
+        actor[-1].weight.mul_(50.0)  # large outputs: the means saturate and samples fall far outside [-1, 1]
+    policy = ActorCriticPolicy(actor, head)
+    obs = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32)
+    for deterministic in (True, False):
+        actions, state = policy.predict(obs, deterministic=deterministic)
+        assert state is None and actions.dtype == np.float32 and actions.shape == (200, 3)
+        assert np.all(actions >= CAR_RACING_LIKE.low) and np.all(actions <= CAR_RACING_LIKE.high)
+        one, _ = policy.predict(obs[0], deterministic=deterministic)
+        assert one.dtype == np.float32 and one.shape == (3,) and CAR_RACING_LIKE.contains(one)
+    sampled, _ = policy.predict(obs, deterministic=False)
+    assert np.any(sampled[:, 1] == 0.0) and np.any(sampled[:, 1] == 1.0)  # clipped to gas's [0, 1], not to [-1, 1]
+    # The mean's [-1, 1] maps linearly onto [low, high]: a zero output is the middle of each bound.
+    np.testing.assert_allclose(head.to_env(torch.zeros(1, 3))[0], [0.0, 0.5, 0.5])
+
+    out = tmp_path / "agent"
+    out.mkdir()
+    policy.save(out)
+    write_agent_info(out, "actor-critic", WorldModel.load(tiny_box.bundle), str(tiny_box.bundle), {})
+    assert sorted(p.name for p in out.iterdir()) == ["actor_critic.safetensors", "agent.json"]  # no pickle
+    loaded = ActorCriticPolicy.load(out)
+    assert loaded.action_space == CAR_RACING_LIKE and loaded.head == head
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], policy.predict(obs, deterministic=True)[0])
+
+    with pytest.raises(ValueError, match="infinite bounds"):
+        ActionHead(gym.spaces.Box(-np.inf, np.inf, (2,), np.float32))
+
+
+def _episode_states(wm: WorldModel, rollouts: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each real episode's (z_t, h_t) for every step, computed in one go: V's means, and M's LSTM over the sequence."""
+    episodes = []
+    with open_rollouts(rollouts) as store:
+        actions = store.load_arrays()["actions"]
+        for start, end in store.episode_bounds():
+            z = wm.encode_frames(store.load_frames(np.arange(start, end)))
+            with torch.no_grad():
+                outputs, _ = wm.mdnrnn.lstm(torch.cat([z, wm.encode_actions(actions[start:end])], -1)[None])
+            h = torch.cat([torch.zeros(1, wm.hidden_size), outputs[0, :-1]])  # h_0 = 0, h_t after steps < t
+            episodes.append((z.numpy(), h.numpy()))
+    return episodes
+
+
+def test_real_starts_are_the_data_states(tiny_discrete: Tiny) -> None:
+    wm = WorldModel.load(tiny_discrete.bundle)
+    bank = real_start_bank(wm, 1000, np.random.default_rng(0))  # 1000 > the 12 episodes: all of them
+    (z, h, _), steps = bank
+    episodes = _episode_states(wm, tiny_discrete.rollouts)
+    assert len(steps) == sum(len(e[0]) for e in episodes) and np.sum(steps == 0) == len(episodes)
+    for row in range(len(steps)):  # every bank row is one real step's (z_t, h_t), at its step number
+        t = steps[row]
+        candidates = [(ez[t], eh[t]) for ez, eh in episodes if t < len(ez)]
+        gap = min(np.abs(z[row].numpy() - cz).max() + np.abs(h[row].numpy() - ch).max() for cz, ch in candidates)
+        assert gap < 1e-4
+
+    core = dream_core(wm)
+    rng = np.random.default_rng(1)
+    real, real_steps = StartStates(core, bank).draw(500, rng)
+    initial, initial_steps = StartStates(core, None).draw(500, rng)
+    assert np.all(initial_steps == 0) and torch.all(initial.h == 0)  # the dream's usual starts: first frames, h = 0
+    assert real_steps.max() > 5 and (real.h.abs().amax(1) > 0).float().mean() > 0.5  # real starts: mid-episode states
+    bank_obs = torch.cat([z, h], -1)
+    assert torch.cdist(torch.cat([real.z, real.h], -1), bank_obs, compute_mode="donot_use_mm_for_euclid_dist").amin(1).max() == 0  # all drawn from the bank
+
+
+def test_real_starts_option(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    config = _small(iterations=1, batch=8, horizon=3, real_start_episodes=5)
+    train_actor_critic(tiny_discrete.bundle, tmp_path / "real", config, progress=False)
+    info = json.loads((tmp_path / "real" / "agent.json").read_text())
+    assert info["starts"] == "real" and 5 <= info["real_start_states"] <= 5 * 20  # 5 episodes of at most 20 steps
+
+    wm = WorldModel.load(tiny_discrete.bundle)
+    wm.info["data"]["rollouts"] = [str(tmp_path / "gone.h5")]
+    bundle = wm.save(tmp_path / "no-data")
+    with pytest.warns(UserWarning, match="initial states.*gone.h5"):
+        train_actor_critic(bundle, tmp_path / "auto", config, progress=False)
+    assert json.loads((tmp_path / "auto" / "agent.json").read_text())["starts"] == "initial"
+    with pytest.raises(ValueError, match="real_starts needs the bundle's rollouts.*gone.h5"):
+        train_actor_critic(bundle, tmp_path / "forced", _small(iterations=1, real_starts=True), progress=False)
+    train_actor_critic(tiny_discrete.bundle, tmp_path / "off", _small(iterations=1, batch=8, real_starts=False), progress=False)
+    assert json.loads((tmp_path / "off" / "agent.json").read_text())["starts"] == "initial"
+
+
+def test_train_agent_actor_critic_resumes_and_scores(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "ac.toml"
+    recipe.write_text("[actor_critic]\nhorizon = 5\nhidden = 16\nlayers = 1\ncheckpoint_every = 2\n")
+    bundle, out = str(tiny_discrete.bundle), tmp_path / "ac"
+    common = ["train-agent", bundle, "--algo", "actor-critic", "--out", str(out), "--config", str(recipe), "--n-envs", "8"]
+    assert main([*common, "--timesteps", "80"]) == 0  # 80 imagined steps = 2 updates of 8 x 5
+    info = json.loads((out / "agent.json").read_text())
+    assert info["algo"] == "actor-critic" and info["iterations"] == 2 and info["config"]["batch"] == 8
+    assert (out / "train" / "state.json").is_file()
+    assert main([*common, "--timesteps", "160"]) == 0
+    assert json.loads((out / "agent.json").read_text())["iterations"] == 4
+    policy = load_policy(out, bundle=bundle)
+    assert isinstance(policy, ActorCriticPolicy) and policy.info["iterations"] == 4
+    capsys.readouterr()
+    assert main(["compare", bundle, "--policy", str(out), "--episodes", "2", "--backend", "serial"]) == 0
+    assert f"policy {out}" in capsys.readouterr().out
+
+    box = tmp_path / "box"  # a Box-action bundle trains and scores the same way
+    assert main(["train-agent", str(tiny_box.bundle), "--algo", "actor-critic", "--out", str(box), "--config", str(recipe),
+                 "--n-envs", "8", "--timesteps", "40"]) == 0
+    assert json.loads((box / "agent.json").read_text())["starts"] == "real"
+    assert load_policy(box, bundle=str(tiny_box.bundle)).action_space == WorldModel.load(tiny_box.bundle).action_space
+    capsys.readouterr()
+    assert main(["compare", str(tiny_box.bundle), "--policy", str(box), "--episodes", "2", "--backend", "serial"]) == 0
+    assert f"policy {box}" in capsys.readouterr().out
