@@ -100,3 +100,44 @@ def tiny(request: pytest.FixtureRequest) -> Tiny:
 def bundle_copy(tiny_discrete: Tiny, tmp_path: Path) -> Path:
     """A private copy of the Discrete bundle, to tamper with."""
     return Path(shutil.copytree(tiny_discrete.bundle, tmp_path / "bundle"))
+
+
+TINY_V_AND_M = """
+[train.vae]
+z_dim = 4
+epochs = 1
+batch_size = 32
+[train.mdnrnn]
+hidden_size = 16
+epochs = 1
+seq_len = 16
+"""
+
+
+def tiny_recipe(tmp_path: Path, episodes: int, *, run: str = "", train: str = TINY_V_AND_M, controller: str = "",
+                tables: str = "") -> Path:
+    """tmp_path/tiny.toml, a tiny pipeline on TinyPixels (run dir tmp_path/run): `episodes` random episodes, the `train`
+    tables (V z 4 and M LSTM 16 for one epoch), one CMA-ES generation, two scored episodes; `run` and `controller`
+    add lines to those tables, `tables` more tables."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f"""
+[run]
+env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
+dir = "{tmp_path / 'run'}"
+{run}
+[collect]
+episodes = {episodes}
+backend = "serial"
+{train}
+[controller]
+population = 4
+rollouts = 2
+generations = 1
+max_steps = 20
+{controller}
+[evaluate]
+episodes = 2
+backend = "serial"
+{tables}
+""")
+    return recipe

@@ -35,8 +35,7 @@ from dreamenv.models.vae import frames_to_tensor
 from dreamenv.train import encode_action_array, load_rollout_data
 from dreamenv.train_rssm import RSSMTrainConfig, rssm_losses, train_rssm, train_rssm_world_model
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
-from tests.conftest import Tiny, tiny_cmaes_config
-from tests.test_vector import tiny_recipe
+from tests.conftest import Tiny, tiny_cmaes_config, tiny_recipe
 from tests.tiny_envs import MODULE, PIXELS_ID
 
 

@@ -12,7 +12,7 @@ from gymnasium.vector import AutoresetMode
 import dreamenv
 from dreamenv.envs.dream import DreamEnv
 from dreamenv.envs.vector import DreamVectorEnv
-from tests.conftest import Tiny
+from tests.conftest import Tiny, tiny_recipe
 from tests.tiny_envs import MODULE
 
 TEMPERATURES = [0.5, 1.0, 1.15, 1.3]
@@ -133,47 +133,6 @@ def test_collect_with_a_controller(tiny_discrete: Tiny, tmp_path: Path) -> None:
     assert set(np.unique(actions)) <= {0, 1, 2}
     with pytest.raises(ValueError, match="--controller DIR --bundle BUNDLE"):
         collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "x.h5", 1, policy="controller", progress=False)
-
-
-TINY_V_AND_M = """
-[train.vae]
-z_dim = 4
-epochs = 1
-batch_size = 32
-[train.mdnrnn]
-hidden_size = 16
-epochs = 1
-seq_len = 16
-"""
-
-
-def tiny_recipe(tmp_path: Path, episodes: int, *, run: str = "", train: str = TINY_V_AND_M, controller: str = "",
-                tables: str = "") -> Path:
-    """tmp_path/tiny.toml, a tiny pipeline on TinyPixels (run dir tmp_path/run): `episodes` random episodes, the `train`
-    tables (V z 4 and M LSTM 16 for one epoch), one CMA-ES generation, two scored episodes; `run` and `controller`
-    add lines to those tables, `tables` more tables."""
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(f"""
-[run]
-env_id = "{MODULE}:DreamenvTest/TinyPixels-v0"
-dir = "{tmp_path / 'run'}"
-{run}
-[collect]
-episodes = {episodes}
-backend = "serial"
-{train}
-[controller]
-population = 4
-rollouts = 2
-generations = 1
-max_steps = 20
-{controller}
-[evaluate]
-episodes = 2
-backend = "serial"
-{tables}
-""")
-    return recipe
 
 
 def test_pipeline_and_iterate(tmp_path: Path) -> None:
