@@ -44,7 +44,16 @@ class DreamCore(BatchedDreamCore):
         self.hidden_size = world_model.hidden_size
         self.action_dim = world_model.mdnrnn.action_dim
         self.num_gaussians = world_model.mdnrnn.num_gaussians
-        self.lstm_weight, self.lstm_bias, self.head_weight, self.head_bias = world_model.mdnrnn.fused_weights()
+        lstm_weight, lstm_bias, self.head_weight, self.head_bias = world_model.mdnrnn.fused_weights()
+        # tanh(x) = 2 sigmoid(2x) - 1: torch's tanh kernel is about 3.5x slower than its sigmoid on this CPU, so
+        # the g gate's weights are doubled and one sigmoid pass covers all four gates.
+        gate_scale = torch.ones(4 * self.hidden_size)
+        gate_scale[3 * self.hidden_size :] = 2.0
+        # The GEMM's inner dimension is padded with zero rows to a multiple of 4 (MKL's sgemm: ~7% faster).
+        self.input_dim = self.z_dim + self.action_dim + self.hidden_size
+        self.lstm_weight = torch.zeros(-(-self.input_dim // 4) * 4, 4 * self.hidden_size)
+        self.lstm_weight[: self.input_dim] = lstm_weight * gate_scale
+        self.lstm_bias = lstm_bias * gate_scale
         self.noise_dims = (self.z_dim, self.z_dim)  # mixture choice and Gaussian noise per latent dim
         self._capacity = 0
         self._flip = 0
@@ -53,11 +62,12 @@ class DreamCore(BatchedDreamCore):
         """Views of the input, gate and head buffers for a batch of n (grown when n exceeds the capacity)."""
         if n > self._capacity:
             self._capacity = n
-            self._inputs = torch.empty(n, self.z_dim + self.action_dim + self.hidden_size)
+            self._inputs = torch.zeros(n, self.lstm_weight.shape[0])  # the padding columns stay zero
             self._gates = (torch.empty(n, 4 * self.hidden_size), torch.empty(n, 4 * self.hidden_size))
+            self._tanh = torch.empty(n, self.hidden_size)
             self._heads = torch.empty(n, self.head_weight.shape[1])
         self._flip ^= 1
-        return self._inputs[:n], self._gates[self._flip][:n], self._heads[:n]
+        return self._inputs[:n], self._gates[self._flip][:n], self._tanh[:n], self._heads[:n]
 
     def initial_state(self, index: np.ndarray) -> DreamState:
         """z_0 = entries `index` of the bank of encoded first frames, h_0 = c_0 = 0."""
@@ -76,16 +86,16 @@ class DreamCore(BatchedDreamCore):
     ) -> tuple[DreamState, np.ndarray, np.ndarray]:
         """h' = M(z, a, h); z' ~ MDN(h') at temperature; reward and termination from M's heads."""
         n, z_dim, hidden, k = state.z.shape[0], self.z_dim, self.hidden_size, self.num_gaussians
-        inputs, gates, heads = self._buffers(n)
+        inputs, gates, tanh_c, heads = self._buffers(n)
         inputs[:, :z_dim] = state.z
         inputs[:, z_dim : z_dim + self.action_dim] = actions
-        inputs[:, z_dim + self.action_dim :] = state.h
-        torch.addmm(self.lstm_bias, inputs, self.lstm_weight, out=gates)  # gates (i, f, o, g)
-        gates[:, : 3 * hidden].sigmoid_()
-        gates[:, 3 * hidden :].tanh_()
-        i, f, o, g = gates.split(hidden, dim=1)
+        inputs[:, z_dim + self.action_dim : self.input_dim] = state.h
+        torch.addmm(self.lstm_bias, inputs, self.lstm_weight, out=gates)  # gates (i, f, o, 2 g)
+        i, f, o, g = gates.sigmoid_().split(hidden, dim=1)
+        g.mul_(2.0).sub_(1.0)  # tanh of the g gate's input
         c = f.mul_(state.c).addcmul_(i, g)
-        h = o.mul_(torch.tanh(c))
+        torch.mul(c, 2.0, out=tanh_c).sigmoid_().mul_(2.0).sub_(1.0)
+        h = o.mul_(tanh_c)
         torch.addmm(self.head_bias, h, self.head_weight, out=heads)
         logpi, mu, logsigma = heads[:, :-2].view(n, z_dim, 3 * k).split(k, dim=-1)
         out = MDNOutput(logpi, mu, logsigma.clamp(-8.0, 4.0), heads[:, -2], heads[:, -1])
