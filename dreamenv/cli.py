@@ -21,8 +21,18 @@ def cmd_collect(args: argparse.Namespace) -> None:
     path = collect(args.env_id, args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
                    from_render=args.from_render, seed=args.seed, episodes_per_shard=args.episodes_per_shard,
                    backend=args.backend, compression=args.compression, controller=args.controller,
-                   bundle=args.bundle)
+                   bundle=args.bundle, crop=parse_crop(args.crop))
     print(f"rollouts: {path}")
+
+
+def parse_crop(text: str) -> str | tuple[int, ...]:
+    """--crop: "env", "none" or TOP,BOTTOM,LEFT,RIGHT."""
+    if text in ("env", "none"):
+        return text
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--crop must be env, none or TOP,BOTTOM,LEFT,RIGHT (four integers), got {text!r}") from None
 
 
 def load_recipe(path: str | None) -> dict[str, Any]:
@@ -393,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controller", help="controller directory or shipped name, with --policy controller")
     p.add_argument("--bundle", help="the controller's bundle (its V and M turn frames into observations)")
     p.add_argument("--from-render", action="store_true", help="record render() frames, for envs with vector observations")
+    p.add_argument("--crop", default="env", help="env (the env's rule: CarRacing drops its dashboard), none (the whole "
+                   "frame) or TOP,BOTTOM,LEFT,RIGHT pixel bounds (default env)")
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed+i (default 0)")
     p.add_argument("--episodes-per-shard", type=int, default=8, help="episodes per shard file (default 8)")
     p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="evaluator backend")

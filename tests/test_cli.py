@@ -89,6 +89,9 @@ def test_collect_vector_env_needs_from_render(tmp_path: Path, capsys: pytest.Cap
     assert len(err) == 1 and "--from-render" in err[0]
     assert main([*argv, "--from-render"]) == 0  # and with the flag it records
     assert "rollouts:" in capsys.readouterr().out and (tmp_path / "r.h5").is_file()
+    for crop, expected in [("0,12", "four pixel bounds"), ("top", "--crop must be env, none or TOP,BOTTOM,LEFT,RIGHT")]:
+        assert main([*argv, "--from-render", "--crop", crop]) == 2
+        assert expected in capsys.readouterr().err
 
 
 def test_dream_writes_a_gif(tiny_box: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

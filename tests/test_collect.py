@@ -123,6 +123,21 @@ def test_resume_into_other_store_raises(tmp_path: Path, change: dict[str, Any]) 
         _collect(out, episodes=8, **change)
 
 
+def test_crop_choices(tmp_path: Path) -> None:
+    whole = _collect(tmp_path / "whole.h5", episodes=2, crop="none")
+    top = _collect(tmp_path / "top.h5", episodes=2, crop=[0, 12, 0, 24])  # a recipe's TOML list
+    with open_rollouts(whole) as a, open_rollouts(top) as b:
+        assert a.frame_spec.crop is None and b.frame_spec.crop == (0, 12, 0, 24)
+        assert a.num_steps == b.num_steps  # the same seeded episodes, seen through another crop
+        assert not np.array_equal(a.load_frames(), b.load_frames())
+    with pytest.raises(ValueError, match="frame_spec="):
+        _collect(top, episodes=4, crop="none")
+    for bad in [(12, 0, 0, 24), (0, 12, 0), "dashboard"]:
+        with pytest.raises(ValueError, match="crop must be 'env', 'none' or four pixel bounds"):
+            _collect(tmp_path / "bad.h5", crop=bad)
+    assert not (tmp_path / "bad.shards").exists()
+
+
 def test_vector_env_needs_from_render(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no image observations.*from-render"):
         _collect(tmp_path / "r.h5", env_id=VECTOR, backend="process")

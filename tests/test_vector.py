@@ -133,6 +133,9 @@ def test_collect_with_a_controller(tiny_discrete: Tiny, tmp_path: Path) -> None:
     assert set(np.unique(actions)) <= {0, 1, 2}
     with pytest.raises(ValueError, match="--controller DIR --bundle BUNDLE"):
         collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "x.h5", 1, policy="controller", progress=False)
+    with pytest.raises(ValueError, match="differs from the crop None of the controller's bundle"):
+        collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "x.h5", 1, policy="controller", crop=(0, 12, 0, 24),
+                controller=str(tiny_discrete.controller), bundle=str(tiny_discrete.bundle), progress=False)
 
 
 def test_pipeline_and_iterate(tmp_path: Path) -> None:

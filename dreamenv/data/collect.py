@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,6 +36,7 @@ class ShardTask:
     env_id: str  # may carry a "module:" prefix to import in the worker
     from_render: bool
     policy: str | PolicyFactory
+    crop: str | tuple[int, ...]
     seed: int
     shard: int
     first_episode: int
@@ -68,8 +69,13 @@ def collect(
     bundle: str | None = None,
     progress: bool = True,
     compression: str = "gzip",
+    crop: str | Sequence[int] = "env",
 ) -> Path:
-    """Collect `episodes` rollouts of `env_id` into `out` (an HDF5 index over shards); resumes; returns out."""
+    """Collect `episodes` rollouts of `env_id` into `out` (an HDF5 index over shards); resumes; returns out.
+
+    crop: "env" (the env's rule: CarRacing drops its dashboard), "none" (the whole frame) or (top, bottom, left,
+    right) pixel bounds. A controller policy sees frames through its bundle's V, so it collects with the bundle's crop.
+    """
     if episodes < 1 or episodes_per_shard < 1:
         raise ValueError(f"episodes and episodes_per_shard must be >= 1, got {episodes}, {episodes_per_shard}")
     if backend not in BACKENDS:
@@ -77,7 +83,9 @@ def collect(
     compression_kwargs(compression)  # fail early on an unusable codec
     policy = _resolve_policy(policy, controller, bundle)
     policy_name = _policy_name(policy)
-    frame_spec, action_space = _probe_env(env_id, from_render)
+    crop = _controller_crop(policy, crop) if policy_name.startswith("controller:") else crop
+    crop = crop if isinstance(crop, str) else tuple(crop)
+    frame_spec, action_space = _probe_env(env_id, from_render, crop)
     out = Path(out)
     shard_dir = shard_dir_for(out)
     identity = {
@@ -94,7 +102,7 @@ def collect(
     plan = _plan_shards(episodes, episodes_per_shard)
     done = _scan_complete_shards(shard_dir, plan, identity)
     tasks = [
-        ShardTask(env_id, from_render, policy, int(seed), k, first, count,
+        ShardTask(env_id, from_render, policy, crop, int(seed), k, first, count,
                   str(shard_path(shard_dir, k)), compression, identity)
         for k, (first, count) in plan.items()
         if k not in done
@@ -150,11 +158,11 @@ def _make_env(env_id: str, from_render: bool) -> gym.Env:
     return make_source_env(_bare_env_id(env_id), render_mode="rgb_array" if from_render else None)
 
 
-def _probe_env(env_id: str, from_render: bool) -> tuple[FrameSpec, gym.Space]:
-    """Make the env once in this process: frame spec (clear error if no images) and action space."""
+def _probe_env(env_id: str, from_render: bool, crop: str | tuple[int, ...]) -> tuple[FrameSpec, gym.Space]:
+    """Make the env once in this process: frame spec (clear error if no images or a bad crop) and action space."""
     env = _make_env(env_id, from_render)
     try:
-        spec = frame_spec_for(env, from_render)
+        spec = frame_spec_for(env, from_render, crop)
         space_to_json(env.action_space)  # unsupported action spaces fail here, not in a worker
         return spec, env.action_space
     finally:
@@ -171,6 +179,17 @@ def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle:
     from dreamenv.registry import resolve_bundle, resolve_controller
 
     return ControllerPolicy(str(resolve_bundle(bundle)), str(resolve_controller(controller)))
+
+
+def _controller_crop(policy: Any, crop: str | Sequence[int]) -> str | Sequence[int]:
+    """The crop of a controller policy's bundle; another explicit crop is refused (its V would see foreign frames)."""
+    from dreamenv.registry import load_world_model
+
+    bundle_crop = load_world_model(policy.bundle).frame_spec.crop
+    if crop != "env" and (None if crop == "none" else tuple(crop)) != bundle_crop:
+        raise ValueError(f"crop {crop!r} differs from the crop {bundle_crop} of the controller's bundle {policy.bundle}, "
+                         "whose V only knows frames cropped its way: drop the crop option")
+    return "none" if bundle_crop is None else bundle_crop
 
 
 def _policy_name(policy: str | PolicyFactory) -> str:
@@ -321,7 +340,7 @@ def collect_shard(task: ShardTask) -> ShardResult:
     """Worker: run the shard's episodes, write them to <shard>.tmp, then rename to the shard file."""
     env = _make_env(task.env_id, task.from_render)
     try:
-        spec = frame_spec_for(env, task.from_render)
+        spec = frame_spec_for(env, task.from_render, task.crop)
         columns = _columns(spec, env.action_space)
         tmp = task.path + ".tmp"
         with h5py.File(tmp, "w") as f:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +51,25 @@ def _is_image_space(space: gym.Space) -> bool:
     )
 
 
-def frame_spec_for(env: gym.Env, from_render: bool = False) -> FrameSpec:
-    """Work out where the image is in `env`'s observations, with the env's crop rule."""
+def resolve_crop(env_id: str, crop: str | Sequence[int] = "env") -> tuple[int, int, int, int] | None:
+    """The crop box of a crop choice: "env" (the env's rule in CROPS), "none" (the whole frame) or (top, bottom, left, right)."""
+    if crop == "env":
+        return next((c for name, c in CROPS.items() if name in env_id), None)
+    if crop == "none":
+        return None
+    box = tuple(crop) if not isinstance(crop, str) else ()
+    if len(box) != 4 or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in box) or not (
+        box[0] < box[1] and box[2] < box[3]
+    ):
+        raise ValueError(f"crop must be 'env', 'none' or four pixel bounds (top, bottom, left, right) with top < bottom "
+                         f"and left < right, got {crop!r}")
+    return tuple(int(v) for v in box)
+
+
+def frame_spec_for(env: gym.Env, from_render: bool = False, crop: str | Sequence[int] = "env") -> FrameSpec:
+    """Work out where the image is in `env`'s observations; crop as in resolve_crop (default: the env's rule)."""
     env_id = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
-    crop = next((c for name, c in CROPS.items() if name in env_id), None)
+    crop = resolve_crop(env_id, crop)
     if from_render:
         if env.render_mode != "rgb_array":
             raise ValueError(
