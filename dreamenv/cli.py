@@ -229,8 +229,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
         from dreamenv.agents.controller import CMAESConfig, train_controller
 
         if args.timesteps is not None or args.n_envs is not None:
-            raise ValueError("--timesteps and --n-envs are PPO and actor-critic options: CMA-ES takes its budget from the "
-                             "--config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
+            raise ValueError("--timesteps and --n-envs are PPO, SAC and actor-critic options: CMA-ES takes its budget from "
+                             "the --config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
         settings = recipe.get("controller", {})
         settings.update({k: v for k, v in {"temperature": args.temperature, "seed": args.seed}.items() if v is not None})
         train_controller(args.bundle, args.out, CMAESConfig(**settings))
@@ -245,12 +245,13 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
             config.iterations = -(-args.timesteps // (config.batch * config.horizon))
         train_actor_critic(args.bundle, args.out, config)
     else:
-        from dreamenv.agents.sb3 import PPOConfig, train_ppo
+        from dreamenv.agents.sb3 import PPOConfig, SACConfig, train_sb3
 
-        settings = recipe.get("ppo", {})
+        settings = recipe.get(args.algo, {})  # [ppo] or [sac]
         overrides = {"timesteps": args.timesteps, "n_envs": args.n_envs, "temperature": args.temperature, "seed": args.seed}
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        train_ppo(args.bundle, args.out, PPOConfig.from_dict(settings))
+        config_class = {"ppo": PPOConfig, "sac": SACConfig}[args.algo]
+        train_sb3(args.bundle, args.out, config_class.from_dict(settings))
     print(f"agent: {args.out}  (score it: dreamenv compare {args.bundle} --policy {args.out})")
 
 
@@ -490,16 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="also write a PNG of the scores against tau (needs dreamenv[plot])")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("train-agent", help="train an agent in the dream: ppo (Stable-Baselines3), actor-critic (Dreamer-style) "
-                       "or cmaes (the paper's controller)")
+    p = sub.add_parser("train-agent", help="train an agent in the dream: ppo or sac (Stable-Baselines3), actor-critic "
+                       "(Dreamer-style) or cmaes (the paper's controller)")
     p.add_argument("bundle", help="bundle directory or shipped name")
-    p.add_argument("--algo", required=True, choices=["ppo", "actor-critic", "cmaes"],
-                   help="ppo: SB3 PPO on batched dreams; actor-critic: learned in imagination (Discrete or Box actions); cmaes: `dreamenv controller`")
+    p.add_argument("--algo", required=True, choices=["ppo", "sac", "actor-critic", "cmaes"],
+                   help="ppo: SB3 PPO on batched dreams; sac: SB3 SAC on batched dreams (Box actions only); "
+                   "actor-critic: learned in imagination (Discrete or Box actions); cmaes: `dreamenv controller`")
     p.add_argument("--out", required=True, help="directory to write (agent.json beside the weights); rerun to resume")
-    p.add_argument("--config", help="TOML recipe: its [ppo], [actor_critic] or [controller] (cmaes) table")
-    p.add_argument("--timesteps", type=int, help="ppo, actor-critic: dream steps to train on (ppo default 1,000,000)")
+    p.add_argument("--config", help="TOML recipe: its [ppo], [sac], [actor_critic] or [controller] (cmaes) table")
+    p.add_argument("--timesteps", type=int, help="ppo, sac, actor-critic: dream steps to train on (ppo, sac default 1,000,000)")
     p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
-    p.add_argument("--n-envs", type=int, help="ppo, actor-critic: dreams stepped as one batch (default 16 / 256)")
+    p.add_argument("--n-envs", type=int, help="ppo, sac, actor-critic: dreams stepped as one batch (default 16 / 4 / 256)")
     p.add_argument("--seed", type=int, help="training seed")
     p.set_defaults(func=cmd_train_agent)
 

@@ -1,4 +1,4 @@
-"""Agents trained in the dream: `dreamenv train-agent` (SB3 PPO, CMA-ES), saved, resumed, scored (the actor-critic: test_actor_critic.py)."""
+"""Agents trained in the dream: `dreamenv train-agent` (SB3 PPO and SAC, CMA-ES), saved, resumed, scored (the actor-critic: test_actor_critic.py)."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stable_baselines3 import PPO
+from stable_baselines3 import PPO, SAC
 
 import dreamenv
 from dreamenv.agents.controller import LinearController
 from dreamenv.agents.saved import load_agent
-from dreamenv.agents.sb3 import PPOConfig, train_ppo
+from dreamenv.agents.sb3 import PPOConfig, SACConfig, train_ppo, train_sac
 from dreamenv.cli import main
 from dreamenv.compare import load_policy
 from dreamenv.worldmodel import WorldModel
@@ -56,6 +56,64 @@ def test_train_agent_ppo_saves_resumes_and_scores(tiny_discrete: Tiny, tmp_path:
     assert f"policy {out}" in capsys.readouterr().out
 
 
+
+def _sac_recipe(tmp_path: Path) -> Path:
+    """Tiny SAC: a 500-transition buffer, batches of 16, 32 random steps before training, a checkpoint every 64 steps."""
+    recipe = tmp_path / "sac.toml"
+    recipe.write_text("[sac]\nbuffer_size = 500\nbatch_size = 16\nlearning_starts = 32\ncheckpoint_every = 64\n")
+    return recipe
+
+
+def test_train_agent_sac_saves_resumes_and_runs_in_reality(tiny_box: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle, out = str(tiny_box.bundle), tmp_path / "sac"
+    common = ["train-agent", bundle, "--algo", "sac", "--out", str(out), "--config", str(_sac_recipe(tmp_path)),
+              "--n-envs", "2", "--temperature", "0.7"]
+    assert main([*common, "--timesteps", "200"]) == 0
+    assert f"agent: {out}" in capsys.readouterr().out
+    info = json.loads((out / "agent.json").read_text())
+    wm = WorldModel.load(tiny_box.bundle)
+    assert info["algo"] == "sac" and info["env_id"] == wm.env_id and info["bundle_fingerprint"] == wm.fingerprint
+    assert info["temperature"] == 0.7 and info["timesteps"] == 200 and info["config"]["buffer_size"] == 500
+    model = load_agent(out)
+    assert isinstance(model, SAC) and model.num_timesteps == 200 and model.n_envs == 2 and model.batch_size == 16
+    assert model._n_updates == (200 - 32) // 2  # one gradient step per step of both dreams once 32 steps are in
+
+    # Rerun with more: it continues from 200 with an empty replay buffer, refilled by 32 steps before training.
+    assert main([*common, "--timesteps", "264"]) == 0
+    resumed = load_agent(out)
+    assert resumed.num_timesteps == 264 and json.loads((out / "agent.json").read_text())["timesteps"] == 264
+    assert resumed._n_updates - model._n_updates == (264 - 200 - 32) // 2
+
+    # The policy trained in the dream acts in the real game's Box, and the harness scores it from its directory.
+    real = dreamenv.make_real(bundle)
+    obs, _ = real.reset(seed=0)
+    action, _ = resumed.predict(obs, deterministic=True)
+    assert real.action_space.contains(action) and dreamenv.make_dream(bundle).action_space == real.action_space
+    real.step(action)
+    capsys.readouterr()
+    assert main(["compare", bundle, "--policy", str(out), "--episodes", "2", "--backend", "serial", "--temperatures", "0.7"]) == 0
+    assert f"policy {out}" in capsys.readouterr().out
+
+
+def test_sac_refuses_discrete_actions(tiny_discrete: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sac"
+    with pytest.raises(ValueError, match=r"SAC needs Box \(continuous\) actions, but .* has Discrete\(3\): "
+                                         "train it with --algo ppo, actor-critic or cmaes"):
+        train_sac(tiny_discrete.bundle, out, SACConfig(timesteps=1), progress=False)
+    assert not out.exists()
+    assert main(["train-agent", str(tiny_discrete.bundle), "--algo", "sac", "--out", str(out)]) == 2
+    assert "SAC needs Box" in capsys.readouterr().err
+
+
+def test_sac_config_errors() -> None:
+    with pytest.raises(ValueError, match="unknown SAC settings \\['buffer'\\]"):
+        SACConfig.from_dict({"buffer": 100})
+    with pytest.raises(ValueError, match="learning_starts must be >= 0"):
+        SACConfig(learning_starts=-1)
+    with pytest.raises(ValueError, match="gradient_steps must be >= 1, or -1"):
+        SACConfig(gradient_steps=0)
+    assert SACConfig.from_dict({"gradient_steps": -1, "ent_coef": 0.1}).sb3_kwargs()["gradient_steps"] == -1
+
 def test_agents_are_tied_to_their_bundle(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path) -> None:
     out = tmp_path / "ppo"
     config = PPOConfig(timesteps=1, n_envs=2, n_steps=16, batch_size=16)
@@ -93,4 +151,4 @@ def test_train_agent_cmaes_is_the_controller(tiny_discrete: Tiny, tmp_path: Path
     controller = load_policy(out, bundle=tiny_discrete.bundle)
     assert isinstance(controller, LinearController) and controller.info["temperature"] == 0.9
     assert main([*argv, "--timesteps", "10"]) == 2
-    assert "PPO and actor-critic options" in capsys.readouterr().err
+    assert "PPO, SAC and actor-critic options" in capsys.readouterr().err

@@ -1,11 +1,12 @@
-"""Stable-Baselines3 agents in the dream: PPO trained on the batched dream, saved as model.zip (SB3's format) beside
-agent.json, and loading of any SB3 algorithm's zip. SB3 is imported only when used."""
+"""Stable-Baselines3 agents in the dream: PPO and SAC trained on the batched dream by one loop, saved as model.zip
+(SB3's format) beside agent.json, and loading of any SB3 algorithm's zip. SB3 is imported only when used."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
+import gymnasium as gym
 import numpy as np
 from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
@@ -35,52 +36,121 @@ def load_sb3_zip(path: str | Path, algo: str) -> Any:
     return sb3_class(algo).load(path, device="cpu")
 
 
-@dataclass
-class PPOConfig:
-    """SB3 PPO (MlpPolicy) on n_envs batched dreams. Hyperparameters are SB3's defaults except n_steps: with
-    many dreams, 256 steps each already make a large update."""
+def _require_at_least(config: Any, minimum: int, names: tuple[str, ...]) -> None:
+    """Raise ValueError for the first of `names` below `minimum`: a bad setting fails before any training."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}")
 
+
+@dataclass
+class SB3DreamConfig:
+    """What every SB3 algorithm here shares: the budget, the dreams it trains on, checkpoints and the seed. A
+    subclass's own fields are SB3 constructor keywords of the same names (see sb3_kwargs)."""
+
+    algo: ClassVar[str]  # the SB3_ALGOS name, agent.json's "algo" and (upper-cased) the recipe table's name in errors
     timesteps: int = 1_000_000
     n_envs: int = 16
     temperature: float | None = None  # None: the bundle's default
     done_mode: str = "sample"  # how M's p(done) ends a dream, as DreamEnv
     done_threshold: float = 0.5
+    checkpoint_every: int = 100_000  # timesteps between saves of model.zip; a rerun resumes from the last one
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_at_least(self, 1, ("timesteps", "n_envs", "checkpoint_every"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """A config from a recipe's table ([ppo], [sac]); unknown keys are an error that lists the known ones."""
+        return config_from_table(cls, data, cls.algo.upper())
+
+    def sb3_kwargs(self) -> dict[str, Any]:
+        """The SB3 constructor's keywords: the seed and the subclass's own fields (the shared ones are dreamenv's)."""
+        shared = {f.name for f in fields(SB3DreamConfig)} - {"seed"}
+        return {name: value for name, value in asdict(self).items() if name not in shared}
+
+
+@dataclass
+class PPOConfig(SB3DreamConfig):
+    """SB3 PPO (MlpPolicy) on n_envs batched dreams. Hyperparameters are SB3's defaults except n_steps: with
+    many dreams, 256 steps each already make a large update."""
+
+    algo: ClassVar[str] = "ppo"
     n_steps: int = 256
     batch_size: int = 64
     learning_rate: float = 3e-4
     gamma: float = 0.99
     ent_coef: float = 0.0
-    checkpoint_every: int = 100_000  # timesteps between saves of model.zip; a rerun resumes from the last one
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
-        """A config from a recipe's [ppo] table; unknown keys are an error that lists the known ones."""
-        return config_from_table(cls, data, "PPO")
+        super().__post_init__()
+        _require_at_least(self, 1, ("n_steps", "batch_size"))
 
 
-def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: PPOConfig) -> None:
+@dataclass
+class SACConfig(SB3DreamConfig):
+    """SB3 SAC (MlpPolicy) on n_envs batched dreams, for Box actions (CarRacing's steer, gas, brake).
+    Hyperparameters are SB3's defaults except n_envs (a few dreams: SAC takes gradient_steps per step of all of
+    them, so more dreams mean fewer updates per transition) and buffer_size: each transition keeps obs and next
+    obs as float32, 8 bytes per observation number, so SB3's 1,000,000 would take ~2.3 GB for CarRacing's
+    288-number observation; 200,000 bounds that to ~0.5 GB."""
+
+    algo: ClassVar[str] = "sac"
+    n_envs: int = 4
+    learning_rate: float = 3e-4
+    buffer_size: int = 200_000
+    batch_size: int = 256
+    learning_starts: int = 100  # random-action steps before training starts, and again after every resume
+    gamma: float = 0.99
+    tau: float = 0.005
+    train_freq: int = 1  # steps of all n_envs dreams between trainings
+    gradient_steps: int = 1  # per training; -1: one per transition collected (n_envs per step)
+    ent_coef: str | float = "auto"  # "auto" (learned, SB3's default), "auto_0.1" (learned from 0.1) or a fixed value
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_at_least(self, 1, ("buffer_size", "batch_size", "train_freq"))
+        _require_at_least(self, 0, ("learning_starts",))
+        if self.gradient_steps < 1 and self.gradient_steps != -1:
+            raise ValueError(f"gradient_steps must be >= 1, or -1 for one per transition, got {self.gradient_steps}")
+
+
+def _check_actions(config: SB3DreamConfig, world_model: WorldModel, bundle: str | Path) -> None:
+    """Raise ValueError when the algorithm cannot act in the bundle's action space (SAC: Box only), with the fix."""
+    if isinstance(config, SACConfig) and not isinstance(world_model.action_space, gym.spaces.Box):
+        raise ValueError(f"SAC needs Box (continuous) actions, but {bundle} ({world_model.env_id}) has "
+                         f"{world_model.action_space}: train it with --algo ppo, actor-critic or cmaes")
+
+
+def _resume(algo: type, out: Path, venv: Any, config: SB3DreamConfig) -> Any:
+    """The model in out/model.zip, set to train on. SB3's zip holds no replay buffer (SB3 keeps it apart, in a
+    pickle, which dreamenv never reads), so SAC starts again from an empty one and refills it with
+    learning_starts random-action steps before it trains."""
+    model = algo.load(out / MODEL_FILE, env=venv, device="cpu")
+    if isinstance(config, SACConfig):
+        model.learning_starts = model.num_timesteps + config.learning_starts
+    return model
+
+
+def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: SB3DreamConfig) -> None:
     """Write out/model.zip (through a temporary name) and out/agent.json."""
     model.save(out / "model.tmp.zip")
     (out / "model.tmp.zip").replace(out / MODEL_FILE)
-    write_agent_info(out, "ppo", world_model, bundle,
+    write_agent_info(out, config.algo, world_model, bundle,
                      {"temperature": temperature, "timesteps": int(model.num_timesteps), "config": asdict(config)})
 
 
-def train_ppo(bundle: str | Path, out: str | Path, config: PPOConfig | None = None, progress: bool = True) -> Any:
-    """Train SB3 PPO in the batched dream of `bundle`; saves out/model.zip + out/agent.json and resumes from them."""
-    ppo = sb3_class("ppo")  # first: a clear error without Stable-Baselines3
+def train_sb3(bundle: str | Path, out: str | Path, config: SB3DreamConfig, progress: bool = True) -> Any:
+    """Train the SB3 algorithm of `config` (PPOConfig, SACConfig) in the batched dream of `bundle`; saves
+    out/model.zip + out/agent.json every checkpoint_every timesteps and resumes from them."""
+    algo = sb3_class(config.algo)  # first: a clear error without Stable-Baselines3
     from stable_baselines3.common.vec_env import VecMonitor
 
     from dreamenv.envs.sb3 import sb3_vec_env
 
-    config = config or PPOConfig()
     wm = load_world_model(bundle)
+    _check_actions(config, wm, bundle)
     temperature = wm.default_temperature if config.temperature is None else float(config.temperature)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,13 +158,12 @@ def train_ppo(bundle: str | Path, out: str | Path, config: PPOConfig | None = No
                                   done_threshold=config.done_threshold))  # episode returns for SB3's logs and the bar
     if (out / MODEL_FILE).is_file():
         check_agent_bundle(read_agent_info(out), wm, out)
-        model = ppo.load(out / MODEL_FILE, env=venv, device="cpu")
+        model = _resume(algo, out, venv, config)
     else:
-        model = ppo("MlpPolicy", venv, n_steps=config.n_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                    gamma=config.gamma, ent_coef=config.ent_coef, seed=config.seed, device="cpu")
+        model = algo("MlpPolicy", venv, device="cpu", **config.sb3_kwargs())
     source = str(resolve_bundle(bundle)) if Path(bundle).exists() else str(bundle)  # shipped names stay names
     with tqdm(total=config.timesteps, initial=min(model.num_timesteps, config.timesteps), unit="step",
-              desc=f"PPO in the dream, tau={temperature:g}", disable=not progress) as bar:
+              desc=f"{config.algo.upper()} in the dream, tau={temperature:g}", disable=not progress) as bar:
 
         def show_progress(_locals: dict[str, Any], _globals: dict[str, Any]) -> bool:
             bar.update(min(model.num_timesteps, config.timesteps) - bar.n)
@@ -107,3 +176,14 @@ def train_ppo(bundle: str | Path, out: str | Path, config: PPOConfig | None = No
                         reset_num_timesteps=False)
             _save_agent(model, out, wm, source, temperature, config)
     return model
+
+
+def train_ppo(bundle: str | Path, out: str | Path, config: PPOConfig | None = None, progress: bool = True) -> Any:
+    """Train SB3 PPO in the batched dream of `bundle` (train_sb3 with PPOConfig's defaults when no config is given)."""
+    return train_sb3(bundle, out, config or PPOConfig(), progress)
+
+
+def train_sac(bundle: str | Path, out: str | Path, config: SACConfig | None = None, progress: bool = True) -> Any:
+    """Train SB3 SAC in the batched dream of a Box-action bundle (train_sb3 with SACConfig's defaults when no config
+    is given). A resume starts from an empty replay buffer: see _resume."""
+    return train_sb3(bundle, out, config or SACConfig(), progress)
