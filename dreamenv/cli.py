@@ -278,7 +278,7 @@ def cmd_dream(args: argparse.Namespace) -> None:
 
 
 def cmd_fidelity(args: argparse.Namespace) -> None:
-    from dreamenv.fidelity import FidelityConfig, fidelity, format_fidelity
+    from dreamenv.fidelity import FidelityConfig, fidelity, format_fidelity, plot_fidelity
 
     config = FidelityConfig(horizon=args.horizon, stride=args.stride, temperature=args.temperature,
                             max_episodes=args.episodes, all_episodes=args.all_episodes, seed=args.seed)
@@ -287,6 +287,8 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_fidelity(result, args.plot)}")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -526,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-episodes", action="store_true", help="also score episodes the bundles trained on")
     p.add_argument("--seed", type=int, default=0, help="seed of the dream's sampling")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--plot", help="also write a PNG of the errors against horizon (needs dreamenv[plot])")
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("pipeline", help="collect -> train -> controller -> evaluate from one recipe; resumes where it stopped")

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
 
 from dreamenv.data.dataset import open_rollouts, split_episode_ids
@@ -18,6 +19,11 @@ from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.worldmodel import WorldModel
 
 TABLE_HORIZONS = (1, 5, 10, 20, 30, 50)
+PLOT_PANELS = (  # (result key, panel title); latent last, as its scale is each model's own
+    ("pixel_mse", "pixel MSE (comparable)"),
+    ("reward_mae_by_horizon", "reward MAE"),
+    ("latent_mse", "latent MSE (own space each, not comparable)"),
+)
 
 
 @dataclass
@@ -254,3 +260,32 @@ def format_fidelity(result: dict[str, Any]) -> str:
               "model's own latent space (not comparable across models); pixel MSE is per pixel value in [0, 1] against "
               "the real frame (comparable)."]
     return "\n".join(lines)
+
+
+def _curve(values: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Horizons 1..len(values) and the values, NaN where no window reached a horizon (matplotlib leaves a gap)."""
+    return np.arange(1, len(values) + 1), np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
+    """PNG of each bundle's open-loop error against horizon, one panel per measure, so the models' drift can be seen."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise DependencyNotInstalled('plotting needs matplotlib: pip install "dreamenv[plot]"') from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = result["config"]
+    figure = Figure(figsize=(4.2 * len(PLOT_PANELS), 4.0), layout="constrained")
+    for axes, (key, title) in zip(figure.subplots(1, len(PLOT_PANELS)), PLOT_PANELS):
+        for index, bundle in enumerate(result["bundles"]):
+            label = f"{chr(ord('A') + index)} = {Path(bundle['name']).name} ({bundle['model_kind']})"
+            axes.plot(*_curve(bundle[key]), marker="o", markersize=2, label=label)
+        axes.set_title(title, fontsize=9)
+        axes.set_xlabel("open-loop horizon (steps)")
+        axes.legend(fontsize=7)
+    scope = "all" if config["all_episodes"] else "held-out"
+    figure.suptitle(f"{result['env_id']}: {result['episodes']} {scope} episodes, open loop at tau {config['temperature']:g}",
+                    fontsize=10)
+    figure.savefig(path, format="png", dpi=120)
+    return path

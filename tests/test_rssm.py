@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.error import DependencyNotInstalled
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
@@ -27,7 +29,7 @@ from dreamenv.data.dataset import EpisodeData, open_rollouts, sequence_batches
 from dreamenv.envs.dream import DreamEnv
 from dreamenv.envs.real import RealEnv
 from dreamenv.envs.vector import DreamVectorEnv
-from dreamenv.fidelity import FidelityConfig, fidelity, trained_episodes
+from dreamenv.fidelity import FidelityConfig, fidelity, plot_fidelity, trained_episodes
 from dreamenv.models.rssm import (
     RSSM, RSSMConfig, categorical_kl, mode_one_hot, sample_categorical, symexp, symlog, unimix_log_probs,
 )
@@ -564,6 +566,12 @@ def test_pipeline_refuses_unknown_models_and_rssm_fine_tuning(tmp_path: Path, ca
 
 # --- fidelity ---------------------------------------------------------------------------------------------------
 
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 200  # panels side by side
+
+
 def test_fidelity_scores_held_out_episodes(rssm_discrete: TinyRSSM, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rollouts, mdn = rssm_discrete.base.rollouts, rssm_discrete.base.bundle
     config = FidelityConfig(horizon=6, stride=2, temperature=0.0)
@@ -597,12 +605,28 @@ def test_fidelity_scores_held_out_episodes(rssm_discrete: TinyRSSM, tmp_path: Pa
     everything = fidelity([mdn, rssm_discrete.bundle], [rollouts], FidelityConfig(horizon=2, all_episodes=True, max_episodes=3),
                           progress=False)
     assert everything["episodes"] == 3
-    out = tmp_path / "fidelity.json"
-    argv = ["fidelity", str(mdn), str(rssm_discrete.bundle), str(rollouts), "--horizon", "5", "--stride", "3", "--json", str(out)]
+    out, png = tmp_path / "fidelity.json", tmp_path / "plots" / "fidelity.png"
+    argv = ["fidelity", str(mdn), str(rssm_discrete.bundle), str(rollouts), "--horizon", "5", "--stride", "3", "--json", str(out),
+            "--plot", str(png)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| horizon | latent MSE A | latent MSE B |" in table and "| 5 |" in table and "(rssm, latent observation 32)" in table
     assert json.loads(out.read_text())["bundles"][1]["model_kind"] == "rssm"
+    assert f"wrote {png}" in table
+    _assert_png(png)
+
+
+def test_fidelity_plot(rssm_discrete: TinyRSSM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = FidelityConfig(horizon=4, stride=2, all_episodes=True, max_episodes=2)
+    result = fidelity([rssm_discrete.base.bundle, rssm_discrete.bundle], [rssm_discrete.base.rollouts], config, progress=False)
+    result["bundles"][0]["pixel_mse"][-1] = None  # a horizon no window reached is a gap, not an error
+    path = plot_fidelity(result, tmp_path / "sub" / "f.png")
+    assert path == tmp_path / "sub" / "f.png"
+    _assert_png(path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(DependencyNotInstalled, match='pip install "dreamenv\\[plot\\]"'):
+        plot_fidelity(result, tmp_path / "x.png")
 
 
 def test_fidelity_bad_input(rssm_discrete: TinyRSSM, rssm_box: TinyRSSM, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
