@@ -279,13 +279,13 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
     figure = Figure(figsize=(4.2 * len(PLOT_PANELS), 4.0), layout="constrained")
     for axes, (key, title) in zip(figure.subplots(1, len(PLOT_PANELS)), PLOT_PANELS):
         for index, bundle in enumerate(result["bundles"]):
-            label = f"{chr(ord('A') + index)} = {Path(bundle['name']).name} ({bundle['model_kind']})"
+            label = f"{chr(ord('A') + index)} = {'/'.join(Path(bundle['name']).parts[-2:])} ({bundle['model_kind']})"
             axes.plot(*_curve(bundle[key]), marker="o", markersize=2, label=label)
         axes.set_title(title, fontsize=9)
         axes.set_xlabel("open-loop horizon (steps)")
         axes.legend(fontsize=7)
-    scope = "all" if config["all_episodes"] else "held-out"
-    figure.suptitle(f"{result['env_id']}: {result['episodes']} {scope} episodes, open loop at tau {config['temperature']:g}",
+    scope = "episodes (all scored, --all-episodes)" if config["all_episodes"] else "held-out episodes"
+    figure.suptitle(f"{result['env_id']}: {result['episodes']} {scope}, open loop at tau {config['temperature']:g}",
                     fontsize=10)
     figure.savefig(path, format="png", dpi=120)
     return path
