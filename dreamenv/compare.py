@@ -361,19 +361,25 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_plot(result: dict[str, Any], path: str | Path) -> Path:
-    """PNG of the virtual score (mean, 95% CI) against temperature, the actual score as a line and band."""
+def new_figure(path: str | Path, **figure_kwargs: Any) -> tuple[Any, Path]:
+    """A matplotlib Figure (no pyplot state, so no GUI backend) and `path` with its folder made; without
+    matplotlib, a clear error with the fix."""
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise DependencyNotInstalled('plotting needs matplotlib: pip install "dreamenv[plot]"') from err
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return Figure(layout="constrained", **figure_kwargs), path
+
+
+def save_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """PNG of the virtual score (mean, 95% CI) against temperature, the actual score as a line and band."""
+    figure, path = new_figure(path, figsize=(6.4, 4.2))
     rows = sorted((float(tau), v) for tau, v in result["virtual"].items())
     taus = np.array([tau for tau, _ in rows])
     means = np.array([v["mean"] for _, v in rows])
     cis = np.array([v["ci95"] for _, v in rows])
-    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     axes = figure.add_subplot()
     axes.errorbar(taus, means, yerr=[means - cis[:, 0], cis[:, 1] - means], fmt="o-", capsize=4, label="virtual (dream)")
     actual = result.get("actual")

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
 
+from dreamenv.compare import new_figure
 from dreamenv.data.dataset import open_rollouts, split_episode_ids
 from dreamenv.envs.dream import check_temperature, dream_core
 from dreamenv.envs.real import latent_filter
@@ -269,14 +269,8 @@ def _curve(values: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
     """PNG of each bundle's open-loop error against horizon, one panel per measure, so the models' drift can be seen."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise DependencyNotInstalled('plotting needs matplotlib: pip install "dreamenv[plot]"') from err
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, path = new_figure(path, figsize=(4.2 * len(PLOT_PANELS), 4.0))
     config = result["config"]
-    figure = Figure(figsize=(4.2 * len(PLOT_PANELS), 4.0), layout="constrained")
     for axes, (key, title) in zip(figure.subplots(1, len(PLOT_PANELS)), PLOT_PANELS):
         for index, bundle in enumerate(result["bundles"]):
             label = f"{chr(ord('A') + index)} = {'/'.join(Path(bundle['name']).parts[-2:])} ({bundle['model_kind']})"
