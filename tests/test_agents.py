@@ -18,16 +18,23 @@ from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny
 
 
-def _ppo_recipe(tmp_path: Path) -> Path:
-    """Small PPO updates (2 dreams x 32 steps), a checkpoint every 64 steps."""
-    recipe = tmp_path / "ppo.toml"
-    recipe.write_text("[ppo]\nn_steps = 32\nbatch_size = 32\ncheckpoint_every = 64\n")
+TINY_TABLES = {
+    "ppo": "n_steps = 32\nbatch_size = 32\ncheckpoint_every = 64\n",  # small updates (2 dreams x 32 steps)
+    # a 500-transition buffer, batches of 16, 32 random steps before training
+    "sac": "buffer_size = 500\nbatch_size = 16\nlearning_starts = 32\ncheckpoint_every = 64\n",
+}
+
+
+def _recipe(tmp_path: Path, algo: str) -> Path:
+    """A recipe with a tiny [ppo] or [sac] table (TINY_TABLES): a checkpoint every 64 steps."""
+    recipe = tmp_path / f"{algo}.toml"
+    recipe.write_text(f"[{algo}]\n{TINY_TABLES[algo]}")
     return recipe
 
 
 def test_train_agent_ppo_saves_resumes_and_scores(tiny_discrete: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bundle, out = str(tiny_discrete.bundle), tmp_path / "ppo"
-    common = ["train-agent", bundle, "--algo", "ppo", "--out", str(out), "--config", str(_ppo_recipe(tmp_path)),
+    common = ["train-agent", bundle, "--algo", "ppo", "--out", str(out), "--config", str(_recipe(tmp_path, "ppo")),
               "--n-envs", "2", "--temperature", "0.7"]
     argv = [*common, "--timesteps", "100"]
     assert main(argv) == 0
@@ -56,17 +63,9 @@ def test_train_agent_ppo_saves_resumes_and_scores(tiny_discrete: Tiny, tmp_path:
     assert f"policy {out}" in capsys.readouterr().out
 
 
-
-def _sac_recipe(tmp_path: Path) -> Path:
-    """Tiny SAC: a 500-transition buffer, batches of 16, 32 random steps before training, a checkpoint every 64 steps."""
-    recipe = tmp_path / "sac.toml"
-    recipe.write_text("[sac]\nbuffer_size = 500\nbatch_size = 16\nlearning_starts = 32\ncheckpoint_every = 64\n")
-    return recipe
-
-
 def test_train_agent_sac_saves_resumes_and_runs_in_reality(tiny_box: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bundle, out = str(tiny_box.bundle), tmp_path / "sac"
-    common = ["train-agent", bundle, "--algo", "sac", "--out", str(out), "--config", str(_sac_recipe(tmp_path)),
+    common = ["train-agent", bundle, "--algo", "sac", "--out", str(out), "--config", str(_recipe(tmp_path, "sac")),
               "--n-envs", "2", "--temperature", "0.7"]
     assert main([*common, "--timesteps", "200"]) == 0
     assert f"agent: {out}" in capsys.readouterr().out
