@@ -35,12 +35,36 @@ def parse_crop(text: str) -> str | tuple[int, ...]:
         raise ValueError(f"--crop must be env, none or TOP,BOTTOM,LEFT,RIGHT (four integers), got {text!r}") from None
 
 
-def load_recipe(path: str | None) -> dict[str, Any]:
-    """A TOML recipe (configs/*.toml) as a dict; empty when no path is given."""
+def load_recipe(path: str | Path | None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML recipe (configs/*.toml) as a dict; empty when no path is given.
+
+    A top-level `extends = "other.toml"` (relative to the recipe) starts from that recipe: this one's tables are
+    merged over it key by key, so a variation (another [iterate] chain, a [controller] setting) states only what differs.
+    """
     if not path:
         return {}
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"recipe {path} extends itself (through {' -> '.join(str(p) for p in _seen)}): break the cycle")
     with open(path, "rb") as handle:
-        return tomllib.load(handle)
+        recipe = tomllib.load(handle)
+    base = recipe.pop("extends", None)
+    if base is None:
+        return recipe
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: extends must be the path of one recipe, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ValueError(f"{path}: extends {base!r}, but there is no {base_path}: give the path relative to the recipe")
+    return _merge_tables(load_recipe(base_path, (*_seen, path)), recipe)
+
+
+def _merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """base with over's values on top; tables present in both are merged recursively, anything else is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge_tables(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def _merge_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +392,7 @@ def cmd_iterate(args: argparse.Namespace) -> None:
         print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {controller}")
         stores.append(collect(run["env_id"], step / "rollouts.h5", episodes=int(settings.get("episodes", 200)),
                               workers=int(settings.get("workers", 2)), backend=settings.get("backend", "process"), policy="controller",
-                              controller=str(controller), bundle=str(bundle), seed=int(settings.get("seed", 10**6 * number))))
+                              controller=str(controller), bundle=str(bundle), seed=int(settings.get("seed", 0)) + 10**6 * number))
         if (step / "bundle" / "manifest.json").is_file():
             print(f"round {number}: bundle exists: not retrained")
         elif model == "rssm":
@@ -538,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M (or the "
                        "RSSM), retrain C")
     p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller, extra_data, "
-                   "name; MDN-RNN only: warm_start, mdn_epochs)")
+                   "name, seed: round k collects from seed + k x 1,000,000; MDN-RNN only: warm_start, mdn_epochs). A recipe "
+                   "with `extends = \"other.toml\"` states only what differs from that one")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)
     return parser

@@ -156,3 +156,28 @@ def test_evaluate_several_controllers_gives_the_temperature_table(tiny_discrete:
     assert "same temperature" in capsys.readouterr().err
     assert main(["evaluate", bundle, "--controller", str(tmp_path / "0.5"), str(tmp_path / "1.3"), "--temperatures", "1"]) == 2
     assert "drop --temperatures" in capsys.readouterr().err
+
+
+def test_recipe_extends_another(tmp_path: Path) -> None:
+    """`extends` starts from another recipe (relative to this one): tables merge key by key, lists and values replace."""
+    from dreamenv.cli import load_recipe
+
+    (tmp_path / "base.toml").write_text('[run]\ndir = "runs/a"\n[controller]\npopulation = 64\nrollouts = 8\n'
+                                        '[iterate]\nextra_data = ["x.h5", "y.h5"]\nepisodes = 200\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.toml").write_text('extends = "../base.toml"\n[controller]\nrollouts = 16\n'
+                                                '[iterate]\nextra_data = ["z.h5"]\n[evaluate]\nepisodes = 5\n')
+    assert load_recipe(tmp_path / "sub" / "more.toml") == {
+        "run": {"dir": "runs/a"}, "controller": {"population": 64, "rollouts": 16},
+        "iterate": {"extra_data": ["z.h5"], "episodes": 200}, "evaluate": {"episodes": 5}}
+
+
+@pytest.mark.parametrize("text, message", [('extends = "missing.toml"\n', "there is no"),
+                                           ('extends = "loop.toml"\n', "extends itself"),
+                                           ("extends = 3\n", "the path of one recipe")])
+def test_recipe_extends_errors(tmp_path: Path, text: str, message: str) -> None:
+    from dreamenv.cli import load_recipe
+
+    (tmp_path / "loop.toml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_recipe(tmp_path / "loop.toml")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import gymnasium as gym
+import h5py
 import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
@@ -163,6 +164,23 @@ mdn_epochs = 1
     base = json.loads((tmp_path / "run" / "bundle" / "manifest.json").read_text())["files"]
     assert info and json.loads((round_bundle / "manifest.json").read_text())["files"]["vae.safetensors"] == base["vae.safetensors"]
     assert json.loads((tmp_path / "run" / "round1" / "results.json").read_text())["actual"]["episodes"] == 2
+
+    # a chain continued from round 1 by a recipe that extends this one: its own name, seeds and CMA-ES settings
+    (tmp_path / "more.toml").write_text(f"""extends = "tiny.toml"
+[controller]
+temperature_range = [1.0, 1.2]
+[iterate]
+bundle = "{round_bundle}"
+controller = "{tmp_path / 'run' / 'round1' / 'controller'}"
+name = "more"
+seed = 500
+""")
+    assert main(["iterate", str(tmp_path / "more.toml"), "--rounds", "1"]) == 0
+    more = tmp_path / "run" / "more1"
+    with h5py.File(more / "rollouts.h5", "r") as f:
+        assert f.attrs["seed"] == 500 + 10**6 and f.attrs["policy"].startswith("controller:")
+    assert json.loads((more / "bundle" / "manifest.json").read_text())["info"]["recipe"]["mdnrnn_from"] == str(round_bundle)
+    assert json.loads((more / "controller" / "controller.json").read_text())["info"]["temperature"] == [1.0, 1.2]
 
 
 def test_pipeline_one_controller_per_temperature(tmp_path: Path) -> None:
