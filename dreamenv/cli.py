@@ -361,7 +361,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     if temperatures is not None:
         try:
             print(f"wrote {plot_temperature_table(result, root / 'temperature.png')}")
-        except ImportError as error:
+        except gym_error.DependencyNotInstalled as error:
             print(f"no plot: {error}")
 
 

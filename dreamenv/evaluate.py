@@ -86,16 +86,12 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plot_temperature_table(result: dict[str, Any], path: str | Path) -> Path:
     """PNG of virtual and actual score against tau, with the paper's points beside ours for TakeCover."""
-    try:
-        import matplotlib
+    from dreamenv.compare import new_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError('plotting needs matplotlib: pip install "dreamenv[plot]"') from error
+    fig, path = new_figure(path, figsize=(6, 4), dpi=120)
     rows = table_rows(result)
     taus = np.array([r["temperature"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
     for key, color in (("virtual", "tab:blue"), ("actual", "tab:orange")):
         have = [r for r in rows if r.get(key)]
         if have:
@@ -111,9 +107,5 @@ def plot_temperature_table(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{result['env_id']}: virtual vs actual, {result['episodes']} episodes")
     ax.set_xticks(sorted(set(taus.tolist())))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
