@@ -88,7 +88,8 @@ def observe_sequences(model: RSSM, frames: torch.Tensor, actions: torch.Tensor, 
 
 
 def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray, sample: bool = True) -> dict[str, torch.Tensor]:
-    """DreamerV3's world-model loss on a sequence batch: image + reward (symlog) + continue + 0.5 dyn + 0.1 rep KL."""
+    """DreamerV3's world-model loss on a sequence batch: image + reward (symlog) + continue (terminal steps weighted by
+    config.terminal_weight) + 0.5 dyn + 0.1 rep KL."""
     config = model.config
     x = batch_frames(frames, batch["frame_index"])
     step_mask, next_mask = batch["step_mask"], batch["next_mask"]
@@ -107,7 +108,8 @@ def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray,
     reward_pred = model.reward_head(after).squeeze(-1)
     reward = ((reward_pred - symlog(batch["rewards"])).pow(2) * step_mask).sum() / steps
     continue_logit = model.continue_logit(after)
-    cont = (F.binary_cross_entropy_with_logits(continue_logit, 1.0 - batch["dones"], reduction="none") * step_mask).sum() / steps
+    weight = step_mask * (1.0 + (config.terminal_weight - 1.0) * batch["dones"])
+    cont = (F.binary_cross_entropy_with_logits(continue_logit, 1.0 - batch["dones"], reduction="none") * weight).sum() / steps
     total = image + reward + cont + config.dyn_scale * dyn + config.rep_scale * rep
     return {"loss": total, "image": image, "reward": reward, "continue": cont, "kl": (dyn_kl * next_mask).sum() / seen,
             "reward_pred": reward_pred, "continue_logit": continue_logit}

@@ -2,6 +2,7 @@
 SB3 adapter, CMA-ES, evaluate, dream GIF, info, collect with a controller, pipeline and iterate) on tiny RSSM bundles."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from gymnasium.error import DependencyNotInstalled
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from torch.nn import functional as F
 
 import dreamenv
 import dreamenv.train_rssm
@@ -165,6 +167,26 @@ def test_training_lowers_the_loss(tiny_discrete: Tiny, tmp_path: Path) -> None:
     assert after["image"] < before["image"] and after["reward"] < before["reward"]
 
 
+def test_terminal_weight_scales_the_continue_loss_of_terminal_steps(tiny_discrete: Tiny) -> None:
+    """terminal_weight w adds (w - 1) x the terminal steps' cross-entropy (-log p(continue = 0)) to the continue loss."""
+    data = load_rollout_data([tiny_discrete.rollouts])
+    actions = encode_action_array(data.action_space, data.arrays["actions"])
+    episodes = [EpisodeData(None, None, actions[s:e], data.arrays["rewards"][s:e].astype(np.float32),
+                            data.arrays["terminated"][s:e].astype(np.float32), frame_index=np.arange(s, e))
+                for s, e in data.bounds]
+    torch.manual_seed(0)
+    model = RSSM(tiny_rssm_config(), actions.shape[1]).eval()
+    batch = next(b for b in sequence_batches(episodes, 8, 64, np.random.default_rng(0)) if (b["dones"] * b["step_mask"]).sum() > 0)
+    with torch.no_grad():
+        plain = rssm_losses(model, batch, data.frames, sample=False)
+        model.config = dataclasses.replace(model.config, terminal_weight=5.0)
+        weighted = rssm_losses(model, batch, data.frames, sample=False)
+    terminal = batch["dones"] * batch["step_mask"]
+    extra = 4.0 * (F.softplus(plain["continue_logit"]) * terminal).sum() / batch["step_mask"].sum()
+    assert extra > 0 and torch.isclose(weighted["continue"], plain["continue"] + extra, rtol=1e-5)
+    assert torch.isclose(weighted["image"], plain["image"]) and torch.isclose(weighted["reward"], plain["reward"])
+
+
 # --- the bundle -------------------------------------------------------------------------------------------------
 
 def _outputs(wm: WorldModel) -> list[torch.Tensor]:
@@ -224,7 +246,7 @@ def test_bundle_errors(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
 
 def test_bad_configs_name_the_setting() -> None:
     for bad, field in [({"stoch": 0}, "stoch"), ({"classes": 1}, "classes"), ({"unimix": 1.0}, "unimix"),
-                       ({"free_nats": -1.0}, "free_nats"), ({"deter": 2.5}, "deter"), ({"learning_rate": float("nan")}, "learning_rate")]:
+                       ({"free_nats": -1.0}, "free_nats"), ({"terminal_weight": -2.0}, "terminal_weight"), ({"deter": 2.5}, "deter"), ({"learning_rate": float("nan")}, "learning_rate")]:
         with pytest.raises(ValueError, match=field):
             RSSMConfig(**bad)
     with pytest.raises(ValueError, match=r"unknown RSSM settings \['z_dim'\]"):
