@@ -6,11 +6,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
 
-from dreamenv.data.collect import collect, shard_dir_for
+from dreamenv.data.collect import _episode_policy, collect, road_centre, shard_dir_for
 from dreamenv.data.dataset import open_rollouts
 from tests.tiny_envs import MODULE, PIXELS_BOX_ID, PIXELS_ID, VECTOR_ID
 
@@ -185,3 +186,45 @@ def test_zstd_compression(tmp_path: Path) -> None:
     pytest.importorskip("hdf5plugin")
     clean = _contents(_collect(tmp_path / "gzip.h5", episodes=2))
     _assert_same(clean, _contents(_collect(tmp_path / "zstd.h5", episodes=2, compression="zstd")))
+
+
+class _CarLike:
+    """Just the spaces of CarRacing, for the exploration policies (no Box2D)."""
+
+    def __init__(self, action_low: tuple[float, ...] = (-1, 0, 0), shape: tuple[int, ...] = (96, 96, 3)) -> None:
+        self.action_space = gym.spaces.Box(np.array(action_low, np.float32), np.ones(len(action_low), np.float32))
+        self.observation_space = gym.spaces.Box(0, 255, shape, np.uint8)
+
+
+def _track(road_columns: slice | None) -> np.ndarray:
+    """A 96 x 96 grass frame with a grey road at road_columns."""
+    frame = np.zeros((96, 96, 3), np.uint8)
+    frame[...] = (102, 204, 102)
+    if road_columns is not None:
+        frame[:, road_columns] = (105, 105, 105)
+    return frame
+
+
+def test_road_policy_steers_towards_the_road() -> None:
+    """The road policy turns towards the grey road ahead (right, left, or no bias without one), keeps the action
+    in CarRacing's Box, and eases off the gas in sharp turns."""
+    assert road_centre(_track(slice(60, 76))) == pytest.approx(67.5) and road_centre(_track(None)) is None
+    env = _CarLike()
+
+    def first_actions(frame: np.ndarray) -> np.ndarray:
+        return np.array([_episode_policy("road", env, seed)(frame, frame) for seed in range(60)])
+
+    right, left, lost = first_actions(_track(slice(60, 76))), first_actions(_track(slice(20, 36))), first_actions(_track(None))
+    assert right[:, 0].mean() > 0.7 and left[:, 0].mean() < -0.7 and abs(lost[:, 0].mean()) < 0.2
+    for actions in (right, left, lost):
+        assert all(env.action_space.contains(a) for a in actions)
+    assert (right[np.abs(right[:, 0]) >= 0.3, 1] <= 0.05).all()
+
+
+@pytest.mark.parametrize("policy", ["drive", "road"])
+def test_car_policies_refuse_other_envs(policy: str) -> None:
+    with pytest.raises(ValueError, match=f"the {policy} policy is for CarRacing"):
+        _episode_policy(policy, _CarLike(action_low=(-1, 0)), 0)
+    if policy == "road":
+        with pytest.raises(ValueError, match="96 x 96 x 3 frames"):
+            _episode_policy(policy, _CarLike(shape=(64, 64, 3)), 0)
