@@ -270,27 +270,64 @@ class RolloutData:
     action_space: gym.Space
     bounds: np.ndarray  # (E, 2) [start, end) of every episode in the concatenation
     arrays: dict[str, np.ndarray]
-    frames: np.ndarray
+    frames: np.ndarray | None  # None when loaded without frames (read them with encode_stores / read_frames)
 
 
-def load_rollout_data(paths: Sequence[str | Path]) -> RolloutData:
-    """Load every store in `paths` (e.g. random rollouts plus each iterative round's) into one dataset."""
+def load_rollout_data(paths: Sequence[str | Path], with_frames: bool = True) -> RolloutData:
+    """Load every store in `paths` (e.g. random rollouts plus each iterative round's) into one dataset.
+
+    with_frames=False loads everything but the frames, which are most of the memory (12 KB a step: 3,600 TakeCover
+    episodes are 10 GB), for training M through a V that is already trained.
+    """
     parts = []
     for path in paths:
         with open_rollouts(path) as r:
-            parts.append((r.env_id, r.frame_spec, r.action_space, r.episode_bounds(), r.load_arrays(), r.load_frames()))
+            parts.append((r.env_id, r.frame_spec, r.action_space, r.episode_bounds(), r.load_arrays(),
+                          r.load_frames() if with_frames else None, r.num_steps))
     env_id, frame_spec, space = parts[0][:3]
     for path, (other_env, other_spec, other_space, *_) in zip(paths, parts):
         if (other_env, other_spec, other_space) != (env_id, frame_spec, space):
             raise ValueError(f"{path} holds {other_env} rollouts ({other_spec}, {other_space}); {paths[0]} holds "
                              f"{env_id} ({frame_spec}, {space}): train on stores of one env and preprocessing")
-    offsets = np.cumsum([0] + [len(p[5]) for p in parts[:-1]])
+    offsets = np.cumsum([0] + [p[6] for p in parts[:-1]])
+    frames = None
+    if with_frames:
+        frames = np.concatenate([p[5] for p in parts]) if len(parts) > 1 else parts[0][5]
     return RolloutData(
         env_id=env_id, frame_spec=frame_spec, action_space=space,
         bounds=np.concatenate([p[3] + off for p, off in zip(parts, offsets)]),
         arrays={k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]},
-        frames=np.concatenate([p[5] for p in parts]) if len(parts) > 1 else parts[0][5],
+        frames=frames,
     )
+
+
+def encode_stores(vae: ConvVAE, paths: Sequence[str | Path], chunk_steps: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """V's (mu, logvar) of every frame of the stores, in load_rollout_data's order, reading a chunk at a time so that
+    the frames are never all in memory."""
+    mus, logvars = [], []
+    for path in paths:
+        with open_rollouts(path) as r:
+            for start in range(0, r.num_steps, chunk_steps):
+                mu, logvar = encode_frames(vae, r.load_frames(np.arange(start, min(start + chunk_steps, r.num_steps))))
+                mus.append(mu)
+                logvars.append(logvar)
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def read_frames(paths: Sequence[str | Path], index: np.ndarray) -> np.ndarray:
+    """The frames at ascending step indices of load_rollout_data's concatenation of the stores, read from disk."""
+    index = np.asarray(index, dtype=np.int64)
+    if np.any(np.diff(index) < 0):
+        raise ValueError("read_frames needs ascending indices")
+    parts, offset = [], 0
+    for path in paths:
+        with open_rollouts(path) as r:
+            mine = index[(index >= offset) & (index < offset + r.num_steps)]
+            parts.append(r.load_frames(mine - offset))
+            offset += r.num_steps
+    if len(index) and index[-1] >= offset:
+        raise IndexError(f"step index {index[-1]} is past the {offset} steps of the stores")
+    return np.concatenate(parts)
 
 
 def train_world_model(
@@ -316,7 +353,7 @@ def train_world_model(
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    data = load_rollout_data(paths)
+    data = load_rollout_data(paths, with_frames=vae_from is None)  # a trained V reads the frames from disk
     bounds, arrays, frames, space = data.bounds, data.arrays, data.frames, data.action_space
     env_id, frame_spec = data.env_id, data.frame_spec
     train_ids, heldout_ids = split_episode_ids(len(bounds), config.holdout_fraction, config.seed)
@@ -335,11 +372,12 @@ def train_world_model(
         stored = load_numpy(str(latents_path))
         mu, logvar = stored["mu"], stored["logvar"]
     else:
-        mu, logvar = encode_frames(vae, frames)
+        mu, logvar = encode_frames(vae, frames) if frames is not None else encode_stores(vae, paths)
         save_numpy({"mu": mu, "logvar": logvar}, str(latents_path))
         (work / "latents.done").write_text("ok\n")
-    vae_metrics = vae_heldout_loss(vae, frames[heldout_index], config.vae.kl_tolerance)
-    del frames, data
+    heldout_frames = frames[heldout_index] if frames is not None else read_frames(paths, heldout_index)
+    vae_metrics = vae_heldout_loss(vae, heldout_frames, config.vae.kl_tolerance)
+    del frames, data, heldout_frames
 
     def encode(actions: np.ndarray) -> np.ndarray:
         return encode_action_array(space, actions)

@@ -194,3 +194,27 @@ def test_heldout_episode_returns_are_whole_episodes() -> None:
     m = mdnrnn_heldout_metrics(model, episodes, MDNRNNConfig(hidden_size=8, num_gaussians=2, seq_len=4))
     assert m["return_mae"] == pytest.approx(np.mean(np.abs(np.subtract(predicted, real))), rel=1e-5)
     assert m["return_correlation"] == pytest.approx(np.corrcoef(real, predicted)[0, 1], rel=1e-5)
+
+
+def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """M through a trained V never loads every frame: encode_stores (in chunks) and read_frames give exactly what
+    the in-memory path gives, across store boundaries."""
+    from dreamenv.train import encode_frames, encode_stores, load_rollout_data, read_frames
+
+    tiny = tiny_discrete
+    second = tmp_path / "rollouts.h5"  # the index finds its shards by relative path: copy both
+    shutil.copy(tiny.rollouts, second)
+    shutil.copytree(tiny.rollouts.with_suffix(".shards"), second.with_suffix(".shards"))
+    paths = [tiny.rollouts, second]
+    loaded, lean = load_rollout_data(paths), load_rollout_data(paths, with_frames=False)
+    assert lean.frames is None and np.array_equal(lean.bounds, loaded.bounds)
+    assert all(np.array_equal(lean.arrays[k], loaded.arrays[k]) for k in loaded.arrays)
+    vae = load_world_model(tiny.bundle).vae
+    for expected, got in zip(encode_frames(vae, loaded.frames), encode_stores(vae, paths, chunk_steps=7)):
+        assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-6)
+    index = np.array([0, 5, len(loaded.frames) // 2, len(loaded.frames) // 2 + 1, len(loaded.frames) - 1])
+    assert np.array_equal(read_frames(paths, index), loaded.frames[index])
+    with pytest.raises(ValueError, match="ascending"):
+        read_frames(paths, index[::-1])
+    with pytest.raises(IndexError, match="past the"):
+        read_frames(paths, np.array([len(loaded.frames)]))
