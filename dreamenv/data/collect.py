@@ -458,7 +458,7 @@ def _driving_policy(space: gym.Space, rng: np.random.Generator) -> PolicyFn:
     return step
 
 
-ROAD_ROWS = slice(40, 56, 3)  # rows of CarRacing's 96 x 96 frame a few car lengths ahead of the car (rows 66..77)
+ROAD_ROWS = slice(40, 56, 3)  # rows of CarRacing's 96 x 96 frame a few car lengths ahead of the car (which is in rows 66..77)
 CAR_COLUMN = 47.5  # the car's centre column
 
 
