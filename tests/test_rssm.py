@@ -246,7 +246,8 @@ def test_bundle_errors(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
 
 def test_bad_configs_name_the_setting() -> None:
     for bad, field in [({"stoch": 0}, "stoch"), ({"classes": 1}, "classes"), ({"unimix": 1.0}, "unimix"),
-                       ({"free_nats": -1.0}, "free_nats"), ({"terminal_weight": -2.0}, "terminal_weight"), ({"deter": 2.5}, "deter"), ({"learning_rate": float("nan")}, "learning_rate")]:
+                       ({"free_nats": -1.0}, "free_nats"), ({"terminal_weight": -2.0}, "terminal_weight"), ({"deter": 2.5}, "deter"),
+                       ({"learning_rate": float("nan")}, "learning_rate")]:
         with pytest.raises(ValueError, match=field):
             RSSMConfig(**bad)
     with pytest.raises(ValueError, match=r"unknown RSSM settings \['z_dim'\]"):
