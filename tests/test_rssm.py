@@ -10,6 +10,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -143,12 +144,18 @@ def test_temperature_changes_sampling() -> None:
     assert per_env[0].argmax() == 0 and per_env[1].argmax() == 3  # one tau per env
 
 
-def test_training_lowers_the_loss(tiny_discrete: Tiny, tmp_path: Path) -> None:
-    data = load_rollout_data([tiny_discrete.rollouts])
+def _sequence_episodes(tiny: Tiny) -> tuple[Any, np.ndarray, list[EpisodeData]]:
+    """A tiny store loaded as the RSSM trainer sees it: the data, encoded actions, one EpisodeData per episode."""
+    data = load_rollout_data([tiny.rollouts])
     actions = encode_action_array(data.action_space, data.arrays["actions"])
     episodes = [EpisodeData(None, None, actions[s:e], data.arrays["rewards"][s:e].astype(np.float32),
                             data.arrays["terminated"][s:e].astype(np.float32), frame_index=np.arange(s, e))
                 for s, e in data.bounds]
+    return data, actions, episodes
+
+
+def test_training_lowers_the_loss(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    data, actions, episodes = _sequence_episodes(tiny_discrete)
     config = tiny_rssm_config(epochs=6)
 
     def loss(model: RSSM) -> dict[str, float]:
@@ -169,11 +176,7 @@ def test_training_lowers_the_loss(tiny_discrete: Tiny, tmp_path: Path) -> None:
 
 def test_terminal_weight_scales_the_continue_loss_of_terminal_steps(tiny_discrete: Tiny) -> None:
     """terminal_weight w adds (w - 1) x the terminal steps' cross-entropy (-log p(continue = 0)) to the continue loss."""
-    data = load_rollout_data([tiny_discrete.rollouts])
-    actions = encode_action_array(data.action_space, data.arrays["actions"])
-    episodes = [EpisodeData(None, None, actions[s:e], data.arrays["rewards"][s:e].astype(np.float32),
-                            data.arrays["terminated"][s:e].astype(np.float32), frame_index=np.arange(s, e))
-                for s, e in data.bounds]
+    data, actions, episodes = _sequence_episodes(tiny_discrete)
     torch.manual_seed(0)
     model = RSSM(tiny_rssm_config(), actions.shape[1]).eval()
     batch = next(b for b in sequence_batches(episodes, 8, 64, np.random.default_rng(0)) if (b["dones"] * b["step_mask"]).sum() > 0)
