@@ -48,21 +48,23 @@ class TrainConfig:
 
 
 def train_vae(
-    frames: np.ndarray, config: VAEConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True
+    frames: np.ndarray, config: VAEConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True,
+    index: np.ndarray | None = None,
 ) -> ConvVAE:
-    """Train the ConvVAE on uint8 frames (N, 64, 64, 3), resuming from checkpoint_dir when it holds a run."""
+    """Train the ConvVAE on uint8 frames (N, 64, 64, 3), or on their ascending rows `index`, resuming from
+    checkpoint_dir when it holds a run."""
     torch.manual_seed(seed)
     vae = ConvVAE(config.z_dim)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     state = load_checkpoint(checkpoint_dir, vae, optimizer) or {"epoch": 0, "batch": 0}
-    n_batches = math.ceil(len(frames) / config.batch_size)
+    n_batches = math.ceil((len(frames) if index is None else len(index)) / config.batch_size)
     bar = tqdm(total=config.epochs * n_batches, initial=state["epoch"] * n_batches + state["batch"],
                desc="train V", unit="batch", disable=not progress)
     last_save = time.monotonic()
     vae.train()
     for epoch in range(state["epoch"], config.epochs):
         first = state["batch"] if epoch == state["epoch"] else 0
-        for b, x in iterate_frame_batches(frames, config.batch_size, seed + epoch, first):
+        for b, x in iterate_frame_batches(frames, config.batch_size, seed + epoch, first, index):
             recon, mu, logvar = vae(x)
             loss, rec, kl = vae_loss(recon, x, mu, logvar, config.kl_tolerance)
             optimizer.zero_grad(set_to_none=True)
@@ -282,22 +284,18 @@ def load_rollout_data(paths: Sequence[str | Path], with_frames: bool = True) -> 
     parts = []
     for path in paths:
         with open_rollouts(path) as r:
-            parts.append((r.env_id, r.frame_spec, r.action_space, r.episode_bounds(), r.load_arrays(),
-                          r.load_frames() if with_frames else None, r.num_steps))
+            parts.append((r.env_id, r.frame_spec, r.action_space, r.episode_bounds(), r.load_arrays(), r.num_steps))
     env_id, frame_spec, space = parts[0][:3]
     for path, (other_env, other_spec, other_space, *_) in zip(paths, parts):
         if (other_env, other_spec, other_space) != (env_id, frame_spec, space):
             raise ValueError(f"{path} holds {other_env} rollouts ({other_spec}, {other_space}); {paths[0]} holds "
                              f"{env_id} ({frame_spec}, {space}): train on stores of one env and preprocessing")
-    offsets = np.cumsum([0] + [p[6] for p in parts[:-1]])
-    frames = None
-    if with_frames:
-        frames = np.concatenate([p[5] for p in parts]) if len(parts) > 1 else parts[0][5]
+    offsets = np.cumsum([0] + [p[5] for p in parts])
     return RolloutData(
         env_id=env_id, frame_spec=frame_spec, action_space=space,
         bounds=np.concatenate([p[3] + off for p, off in zip(parts, offsets)]),
         arrays={k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]},
-        frames=frames,
+        frames=read_frames(paths, np.arange(offsets[-1])) if with_frames else None,
     )
 
 
@@ -314,20 +312,27 @@ def encode_stores(vae: ConvVAE, paths: Sequence[str | Path], chunk_steps: int = 
     return np.concatenate(mus), np.concatenate(logvars)
 
 
-def read_frames(paths: Sequence[str | Path], index: np.ndarray) -> np.ndarray:
-    """The frames at ascending step indices of load_rollout_data's concatenation of the stores, read from disk."""
+def read_frames(paths: Sequence[str | Path], index: np.ndarray, chunk_steps: int = 16384) -> np.ndarray:
+    """The frames at ascending step indices of load_rollout_data's concatenation of the stores, read from disk a
+    chunk at a time into one array (so reading them all needs their memory once, not twice)."""
     index = np.asarray(index, dtype=np.int64)
     if np.any(np.diff(index) < 0):
         raise ValueError("read_frames needs ascending indices")
-    parts, offset = [], 0
+    frames, done, offset = None, 0, 0
     for path in paths:
         with open_rollouts(path) as r:
-            mine = index[(index >= offset) & (index < offset + r.num_steps)]
-            parts.append(r.load_frames(mine - offset))
+            mine = index[(index >= offset) & (index < offset + r.num_steps)] - offset
+            if frames is None:
+                empty = r.load_frames(mine[:0])
+                frames = np.empty((len(index), *empty.shape[1:]), dtype=empty.dtype)
+            for start in range(0, len(mine), chunk_steps):
+                chunk = r.load_frames(mine[start:start + chunk_steps])
+                frames[done:done + len(chunk)] = chunk
+                done += len(chunk)
             offset += r.num_steps
     if len(index) and index[-1] >= offset:
         raise IndexError(f"step index {index[-1]} is past the {offset} steps of the stores")
-    return np.concatenate(parts)
+    return frames
 
 
 def train_world_model(
@@ -361,7 +366,7 @@ def train_world_model(
     heldout_index = np.concatenate([np.arange(*bounds[i]) for i in heldout_ids]) if len(heldout_ids) else np.zeros(0, int)
 
     if vae_from is None:
-        vae = train_vae(frames[train_index], config.vae, work / "vae", config.seed, progress)
+        vae = train_vae(frames, config.vae, work / "vae", config.seed, progress, index=train_index)
     else:
         base = load_world_model(vae_from)
         if (base.env_id, base.frame_spec) != (env_id, frame_spec):

@@ -105,6 +105,10 @@ def test_frame_batches(store: Path) -> None:
     resumed = list(iterate_frame_batches(frames, 32, seed=0, start=2))  # a resumed epoch skips what it did
     assert [n for n, _ in resumed] == list(range(2, len(batches)))
     torch.testing.assert_close(resumed[0][1], batches[2])
+    rows = np.arange(3, len(frames), 2)  # a subset of rows gives the batches of those rows copied out
+    for (_, got), (_, expected) in zip(iterate_frame_batches(frames, 32, 5, index=rows),
+                                       iterate_frame_batches(frames[rows], 32, 5), strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 def test_sequence_batches_masks() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dreamenv.train
+from dreamenv.data.dataset import open_rollouts
 from dreamenv.models.vae import ConvVAE
 from dreamenv.registry import load_world_model
 from dreamenv.train import train_world_model
@@ -207,6 +208,11 @@ def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_
     shutil.copytree(tiny.rollouts.with_suffix(".shards"), second.with_suffix(".shards"))
     paths = [tiny.rollouts, second]
     loaded, lean = load_rollout_data(paths), load_rollout_data(paths, with_frames=False)
+    whole = []
+    for path in paths:
+        with open_rollouts(path) as r:
+            whole.append(r.load_frames())
+    assert np.array_equal(loaded.frames, np.concatenate(whole))  # every store's frames, in order
     assert lean.frames is None and np.array_equal(lean.bounds, loaded.bounds)
     assert all(np.array_equal(lean.arrays[k], loaded.arrays[k]) for k in loaded.arrays)
     vae = load_world_model(tiny.bundle).vae
@@ -214,6 +220,8 @@ def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_
         assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-6)
     index = np.array([0, 5, len(loaded.frames) // 2, len(loaded.frames) // 2 + 1, len(loaded.frames) - 1])
     assert np.array_equal(read_frames(paths, index), loaded.frames[index])
+    assert np.array_equal(read_frames(paths, index, chunk_steps=2), loaded.frames[index])
+    assert read_frames(paths, index[:0]).shape == (0, *loaded.frames.shape[1:])
     with pytest.raises(ValueError, match="ascending"):
         read_frames(paths, index[::-1])
     with pytest.raises(IndexError, match="past the"):

@@ -165,15 +165,17 @@ def split_episode_ids(num_episodes: int, holdout_fraction: float = 0.1, seed: in
 
 
 def iterate_frame_batches(
-    frames: np.ndarray, batch_size: int, seed: int, start: int = 0
+    frames: np.ndarray, batch_size: int, seed: int, start: int = 0, index: np.ndarray | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """One shuffled pass over uint8 NHWC frames as (batch number, float32 NCHW batch in [0, 1]).
+    """One shuffled pass over uint8 NHWC frames (or over the ascending rows `index` of them, without copying
+    those rows out first) as (batch number, float32 NCHW batch in [0, 1]).
 
     The order is a function of `seed` alone, so a resumed epoch can skip its first `start` batches.
     """
-    order = np.random.default_rng(seed).permutation(len(frames))
+    rows = np.arange(len(frames)) if index is None else np.asarray(index, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(rows))
     for number in range(start, -(-len(order) // batch_size)):
-        batch = frames[np.sort(order[number * batch_size : (number + 1) * batch_size])]
+        batch = frames[rows[np.sort(order[number * batch_size : (number + 1) * batch_size])]]
         yield number, torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float().div_(255.0)
 
 
