@@ -137,3 +137,11 @@ def test_sequence_batches_masks() -> None:
         assert float(b["mu"][:, :-1][~b["step_mask"].bool()].abs().sum()) == 0
         assert b["mu"].shape[1] == b["step_mask"].shape[1] + 1
     assert sum(float(b["dones"].sum()) for b in batches) == len(lengths)
+
+
+def test_no_rows_from_a_store_of_many_shards(tmp_path: Path) -> None:
+    """HDF5 cannot select nothing from a virtual dataset of many sources; asking for no frames gives an empty array."""
+    out = collect(f"{MODULE}:{PIXELS_ID}", tmp_path / "many.h5", 70, episodes_per_shard=1, backend="serial", progress=False)
+    with open_rollouts(out) as r:
+        assert r.load_frames(np.zeros(0, np.int64)).shape == (0, 64, 64, 3)
+        assert r.load_frames([2, 0]).shape == (2, 64, 64, 3)

@@ -140,12 +140,13 @@ class Rollouts:
         """Rows at arbitrary indices, read as contiguous slices (fast on chunked, virtual data)."""
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_steps):
             raise IndexError(f"indices out of range [0, {self.num_steps})")
+        if not indices.size:  # HDF5 cannot select nothing from a virtual dataset
+            dataset = self._file[name]
+            return np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
         unique, inverse = np.unique(indices, return_inverse=True)
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
         runs = [run for run in np.split(unique, breaks) if run.size]
         parts = [self._read(name, slice(int(run[0]), int(run[-1]) + 1)) for run in runs]
-        if not parts:
-            return self._read(name, slice(0, 0))
         return np.concatenate(parts)[inverse.reshape(-1)]
 
     def load_arrays(self) -> dict[str, np.ndarray]:
