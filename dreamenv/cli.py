@@ -195,7 +195,8 @@ def cmd_controller(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config).get("controller", {})
     overrides = {"population": args.population, "rollouts": args.rollouts, "generations": args.generations,
                  "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps,
-                 "temperature_range": args.temperature_range, "done_mode": args.done_mode, "done_threshold": args.done_threshold}
+                 "temperature_range": args.temperature_range, "done_mode": args.done_mode, "done_threshold": args.done_threshold,
+                 "obs_mode": args.obs_mode}
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     controller = train_controller(args.bundle, args.out, CMAESConfig(**recipe))
     last = controller.info["history"][-1] if controller.info["history"] else {}
@@ -285,8 +286,9 @@ def cmd_dream(args: argparse.Namespace) -> None:
     from dreamenv.agents.controller import load_controller
     from dreamenv.envs.dream import DreamEnv
 
-    env = DreamEnv(args.bundle, temperature=args.temperature, render_mode="rgb_array")
-    controller = load_controller(args.controller, env.world_model) if args.controller else None
+    controller = load_controller(args.controller, args.bundle) if args.controller else None
+    obs_mode = controller.obs_mode if controller else "latent"
+    env = DreamEnv(args.bundle, temperature=args.temperature, obs_mode=obs_mode, render_mode="rgb_array")
     obs, _ = env.reset(seed=args.seed)
     frames, total = [env.render()], 0.0
     for _ in range(args.steps):
@@ -479,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--done-mode", choices=["sample", "threshold"], help="how M's p(done) ends a dream (default sample)")
     p.add_argument("--done-threshold", type=float, help="with --done-mode threshold: end when p(done) exceeds this (default 0.5)")
     p.add_argument("--max-steps", type=int, help="cap on dream episode length (default: the env's limit)")
+    p.add_argument("--obs-mode", choices=["latent", "latent_cell"],
+                   help="the controller's input: latent = [z, h] (default), latent_cell = [z, c, h] with M's LSTM cell state")
     p.add_argument("--seed", type=int, help="CMA-ES seed")
     p.set_defaults(func=cmd_controller)
 

@@ -73,6 +73,9 @@ def check_policy(policy: Any, world_model: WorldModel, obs_mode: str) -> None:
                         f"obs -> action; got {type(policy).__name__}")
     if isinstance(policy, LinearController):
         policy.check_bundle(world_model)
+        if obs_mode != policy.obs_mode:
+            raise ValueError(f"this controller acts on obs_mode {policy.obs_mode!r}, not {obs_mode!r}: score it with "
+                             f"obs_mode={policy.obs_mode!r} (or leave obs_mode unset)")
         return
     expected = {"observation_space": observation_space(world_model, obs_mode), "action_space": world_model.action_space}
     for name, space in expected.items():
@@ -299,7 +302,7 @@ def compare(
     *,
     algo: str | None = None,
     real: bool = True,
-    obs_mode: str = "latent",
+    obs_mode: str | None = None,
     done_mode: str = "sample",
     done_threshold: float = 0.5,
     progress: bool = True,
@@ -310,11 +313,13 @@ def compare(
     a saved policy (controller directory or shipped name, `dreamenv train-agent` directory, SB3 .zip with `algo`).
     temperatures: dream temperatures (default: the bundle's). The process and Ray backends need the policy in
     their workers: SB3 models travel as their zip, paths are loaded there, anything else must pickle.
+    obs_mode: what the policy sees in both envs; None takes a controller's own ("latent" or "latent_cell"), else "latent".
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     wm = load_world_model(bundle)
     loaded = load_policy(policy, algo, wm) if isinstance(policy, (str, Path)) else policy
+    obs_mode = obs_mode or getattr(loaded, "obs_mode", "latent")
     check_policy(loaded, wm, obs_mode)
     temperatures = [wm.default_temperature] if temperatures is None else [float(t) for t in temperatures]
     if not temperatures:

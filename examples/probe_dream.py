@@ -40,11 +40,16 @@ if __name__ == "__main__":  # real-game workers import this file
     parser.add_argument("bundle", help="bundle directory or shipped name (Discrete actions)")
     parser.add_argument("--temperature", type=float, default=1.15)
     parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--done-mode", default="sample", choices=["sample", "threshold"], help="how M's p(done) ends a dream")
+    parser.add_argument("--done-threshold", type=float, default=0.5, help="with --done-mode threshold: end when p(done) exceeds this")
+    parser.add_argument("--no-real", action="store_true", help="dream only (the game's scores do not depend on the dream)")
     args = parser.parse_args()
     n = dreamenv.load_world_model(args.bundle).action_space.n
     probes = {f"always {a}": Constant(a) for a in range(n)} | {"held random": HeldRandom(n)}
     print("| probe | virtual | actual |\n| --- | --- | --- |")
     for name, policy in probes.items():
-        result = dreamenv.compare(policy, args.bundle, [args.temperature], episodes=args.episodes)
-        v, a = result["virtual"][f"{args.temperature:g}"], result["actual"]
-        print(f"| {name} | {v['mean']:.1f} +- {v['std']:.1f} | {a['mean']:.1f} +- {a['std']:.1f} |", flush=True)
+        result = dreamenv.compare(policy, args.bundle, [args.temperature], episodes=args.episodes, real=not args.no_real,
+                                  done_mode=args.done_mode, done_threshold=args.done_threshold)
+        v, a = result["virtual"][f"{args.temperature:g}"], result.get("actual")
+        actual = f"{a['mean']:.1f} +- {a['std']:.1f}" if a else "not run"
+        print(f"| {name} | {v['mean']:.1f} +- {v['std']:.1f} | {actual} |", flush=True)

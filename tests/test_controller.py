@@ -19,9 +19,14 @@ from dreamenv.agents.controller import (
     load_controller,
     train_controller,
 )
+from dreamenv.cli import main
+from dreamenv.compare import compare
+from dreamenv.data.collect import collect
+from dreamenv.data.dataset import open_rollouts
 from dreamenv.evaluate import evaluate, format_table
 from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny, tiny_cmaes_config
+from tests.tiny_envs import MODULE
 
 
 def _space(tiny: Tiny) -> gym.Space:
@@ -111,6 +116,29 @@ def test_controller_of_another_world_model_is_refused(tiny_discrete: Tiny, tiny_
 
 
 # --- CMA-ES ---------------------------------------------------------------------------------------------------
+
+def test_cmaes_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """obs_mode "latent_cell": the controller reads [z, c, h], records it, and every tool shows it that observation."""
+    config = controller_module.CMAESConfig(**{**vars(tiny_cmaes_config()), "obs_mode": "latent_cell"})
+    ctrl = train_controller(tiny_discrete.bundle, tmp_path / "c", config, progress=False)
+    assert ctrl.obs_dim == 4 + 16 + 16 and ctrl.obs_mode == "latent_cell"
+    loaded = load_controller(tmp_path / "c", tiny_discrete.bundle)
+    assert loaded.obs_mode == "latent_cell" and loaded.obs_dim == 36
+    result = compare(tmp_path / "c", tiny_discrete.bundle, [1.0], episodes=2, real=False, progress=False)
+    assert result["obs_mode"] == "latent_cell" and result["virtual"]["1"]["episodes"] == 2
+    with pytest.raises(ValueError, match="obs_mode 'latent_cell'"):
+        compare(tmp_path / "c", tiny_discrete.bundle, [1.0], episodes=1, real=False, obs_mode="latent", progress=False)
+    with pytest.raises(ValueError, match="obs_mode 'latent_cell'"):
+        loaded.predict(np.zeros(20, np.float32))
+    rollouts = collect(f"{MODULE}:{tiny_discrete.env_id}", tmp_path / "ctrl.h5", 2, policy="controller",
+                       controller=str(tmp_path / "c"), bundle=str(tiny_discrete.bundle), backend="serial", progress=False)
+    with open_rollouts(rollouts) as store:
+        assert store.num_episodes == 2
+    gif = tmp_path / "dream.gif"
+    assert main(["dream", str(tiny_discrete.bundle), "--controller", str(tmp_path / "c"), "--out", str(gif), "--steps", "3"]) == 0
+    with pytest.raises(ValueError, match="obs_mode"):
+        controller_module.CMAESConfig(obs_mode="pixels")
+
 
 def test_cmaes_resumes(tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = Path(shutil.copytree(tiny.controller, tmp_path / "ctrl"))
@@ -219,9 +247,9 @@ def test_dream_returns_per_dream_temperature(tiny_discrete: Tiny) -> None:
 def test_cmaes_randomised_temperature_and_threshold(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple] = []
 
-    def recording(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold):
+    def recording(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold, obs_mode):
         seen.append((np.asarray(tau), done_mode, done_threshold))
-        return dream_returns(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold)
+        return dream_returns(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold, obs_mode)
 
     monkeypatch.setattr(controller_module, "dream_returns", recording)
     config = tiny_cmaes_config(generations=2)

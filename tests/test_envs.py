@@ -18,6 +18,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import dreamenv
 from dreamenv.envs.dream import DreamEnv
 from dreamenv.envs.real import RealEnv
+from dreamenv.envs.vector import DreamVectorEnv
 from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny
 
@@ -65,19 +66,19 @@ def _actions(space: gym.Space, n: int, seed: int = 0) -> list:
 
 # --- checkers and spaces -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("obs_mode", ["latent", "pixels"])
+@pytest.mark.parametrize("obs_mode", ["latent", "latent_cell", "pixels"])
 @pytest.mark.parametrize("cls", [DreamEnv, RealEnv])
 def test_env_checkers(tiny: Tiny, cls: type, obs_mode: str) -> None:
     _checks(lambda: cls(tiny.bundle, obs_mode=obs_mode, render_mode="rgb_array"))
 
 
-@pytest.mark.parametrize("obs_mode", ["latent", "pixels"])
+@pytest.mark.parametrize("obs_mode", ["latent", "latent_cell", "pixels"])
 def test_dream_and_real_share_spaces(tiny: Tiny, obs_mode: str) -> None:
     dream = DreamEnv(tiny.bundle, obs_mode=obs_mode, render_mode="rgb_array")
     real = RealEnv(tiny.bundle, obs_mode=obs_mode, render_mode="rgb_array")
     assert dream.observation_space == real.observation_space
     assert dream.action_space == real.action_space == gym.make(tiny.env_id).action_space
-    expected = (20,) if obs_mode == "latent" else (64, 64, 3)  # z 4 + h 16, or a 64x64 RGB frame
+    expected = {"latent": (20,), "latent_cell": (36,), "pixels": (64, 64, 3)}[obs_mode]  # z 4 + (c 16) + h 16, or RGB
     assert dream.observation_space.shape == expected
     for env in (dream, real):
         obs, _ = env.reset(seed=0)
@@ -88,6 +89,31 @@ def test_dream_and_real_share_spaces(tiny: Tiny, obs_mode: str) -> None:
         assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] == 3
     assert dream.render().shape == (64, 64, 3)
     real.close()
+
+
+@pytest.mark.parametrize("cls", [DreamEnv, RealEnv, DreamVectorEnv])
+def test_latent_cell_inserts_the_lstm_cell_state(tiny_discrete: Tiny, cls: type) -> None:
+    """obs_mode "latent_cell" is concat(z, c, h): the "latent" observation of the same episode with M's cell state
+    between z and h; c_0 = 0 and c moves once M has stepped."""
+    make = (lambda mode: cls(2, tiny_discrete.bundle, obs_mode=mode)) if cls is DreamVectorEnv else \
+        (lambda mode: cls(tiny_discrete.bundle, obs_mode=mode))
+    plain, cell = make("latent"), make("latent_cell")
+    a, _ = plain.reset(seed=5)
+    b, _ = cell.reset(seed=5)
+    np.testing.assert_array_equal(b[..., :4], a[..., :4])
+    np.testing.assert_array_equal(b[..., 20:], a[..., 4:])
+    assert not b[..., 4:20].any()
+    moved = False
+    for action in (1, 2, 0, 1):
+        action = np.full(2, action) if cls is DreamVectorEnv else action
+        a, *_ = plain.step(action)
+        b, *_ = cell.step(action)
+        np.testing.assert_allclose(b[..., :4], a[..., :4], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b[..., 20:], a[..., 4:], rtol=1e-5, atol=1e-6)
+        moved |= bool(np.abs(b[..., 4:20]).max() > 0)
+    assert moved
+    plain.close()
+    cell.close()
 
 
 def test_real_env_step_order(tiny: Tiny) -> None:

@@ -531,6 +531,14 @@ def test_cli_train_info_evaluate_dream(rssm_discrete: TinyRSSM, tmp_path: Path, 
         assert image.format == "GIF" and 2 <= image.n_frames <= 5
 
 
+def test_latent_cell_needs_an_mdnrnn(rssm_discrete: TinyRSSM) -> None:
+    for make in (lambda: DreamEnv(rssm_discrete.bundle, obs_mode="latent_cell"),
+                 lambda: RealEnv(rssm_discrete.bundle, obs_mode="latent_cell"),
+                 lambda: DreamVectorEnv(2, rssm_discrete.bundle, obs_mode="latent_cell")):
+        with pytest.raises(ValueError, match="needs an MDN-RNN bundle"):
+            make()
+
+
 def test_collect_with_a_controller_of_an_rssm_bundle(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
     out = collect(f"{MODULE}:{rssm_discrete.base.env_id}", tmp_path / "ctrl.h5", 2, policy="controller",
                   controller=str(rssm_discrete.controller), bundle=str(rssm_discrete.bundle), backend="serial", progress=False)

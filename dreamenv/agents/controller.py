@@ -1,4 +1,5 @@
-"""C: the paper's linear controller a = W [z, h] + b, stored as safetensors + JSON, and its CMA-ES trainer in the dream."""
+"""C: the paper's linear controller a = W [z, h] + b (or W [z, c, h] + b, as the original code's Doom controller),
+stored as safetensors + JSON, and its CMA-ES trainer in the dream."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from dreamenv.envs.dream import DONE_MODES, dream_core
 from dreamenv.envs.real import latent_filter
+from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model, resolve_controller
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -41,7 +43,8 @@ class ControllerMismatchError(ValueError):
 
 
 class LinearController:
-    """a = W [z, h] + b on the dream's latent observation; predict() follows Stable-Baselines3's signature."""
+    """a = W [z, h] + b on the dream's latent observation (info["obs_mode"] "latent_cell": W [z, c, h] + b);
+    predict() follows Stable-Baselines3's signature."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, action_space: gym.Space, info: dict[str, Any] | None = None) -> None:
         self.weight = np.asarray(weight, np.float32)
@@ -63,11 +66,17 @@ class LinearController:
     def obs_dim(self) -> int:
         return self.weight.shape[1]
 
+    @property
+    def obs_mode(self) -> str:
+        """The latent observation it acts on: "latent" (concat(z, h)) or "latent_cell" (concat(z, c, h))."""
+        return self.info.get("obs_mode", "latent")
+
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Actions for one observation (obs_dim,) or a batch (N, obs_dim)."""
         obs = np.asarray(obs, np.float32)
         if obs.shape[-1] != self.obs_dim:
-            raise ValueError(f"observation has {obs.shape[-1]} features, this controller takes {self.obs_dim} (concat(z, h))")
+            raise ValueError(f"observation has {obs.shape[-1]} features, this controller takes {self.obs_dim} "
+                             f"(obs_mode {self.obs_mode!r}: create the env with obs_mode={self.obs_mode!r})")
         return outputs_to_actions(obs @ self.weight.T + self.bias, self.action_space)
 
     def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = True) -> tuple[np.ndarray, None]:
@@ -85,10 +94,11 @@ class LinearController:
                 f"controller was trained for {self.info.get('env_id')}, the bundle is of {world_model.env_id}: "
                 "train a controller on this bundle (dreamenv controller BUNDLE --out DIR)."
             )
-        if self.obs_dim != world_model.latent_obs_dim or (expected and expected != world_model.fingerprint):
+        bundle_dim = latent_dim(world_model, self.obs_mode)
+        if self.obs_dim != bundle_dim or (expected and expected != world_model.fingerprint):
             raise ControllerMismatchError(
                 f"controller was trained on another world model (bundle {str(expected)[:12]}, obs {self.obs_dim}) than "
-                f"this bundle ({world_model.fingerprint[:12]}, obs {world_model.latent_obs_dim}): "
+                f"this bundle ({world_model.fingerprint[:12]}, obs {bundle_dim}): "
                 "train a controller on this bundle (dreamenv controller BUNDLE --out DIR)."
             )
 
@@ -137,7 +147,7 @@ class ControllerPolicy:
     def __call__(self, env: gym.Env) -> Callable[[Any, np.ndarray], Any]:
         wm = load_world_model(self.bundle)
         ctrl = load_controller(self.controller, wm)
-        tracker = latent_filter(wm)
+        tracker = latent_filter(wm, obs_mode=ctrl.obs_mode)
 
         def act(obs: Any, frame: np.ndarray) -> Any:
             action = ctrl.act(tracker.observe(frame[None])[0])
@@ -156,6 +166,7 @@ def dream_returns(
     max_steps: int | None = None,
     done_mode: str = "sample",
     done_threshold: float = 0.5,
+    obs_mode: str = "latent",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run n dreams as one batch until each terminates or max_steps; returns (returns, lengths).
 
@@ -174,7 +185,7 @@ def dream_returns(
     returns = np.zeros(n, np.float64)
     lengths = np.zeros(n, np.int64)
     for _ in range(max_steps):
-        actions = policy(core.latent_obs(state), rows)
+        actions = policy(core.observe(state, obs_mode), rows)
         m = len(rows)
         noise = core.draw_noise(rng, m)
         state, reward, terminated = core.step(state, world_model.encode_actions(actions), tau, noise, done_mode, done_threshold)
@@ -204,11 +215,14 @@ class CMAESConfig:
     done_mode: str = "sample"  # "sample": Bernoulli of M's p(done); "threshold": done when p(done) > done_threshold
     done_threshold: float = 0.5
     max_steps: int | None = None  # None: the bundle's episode limit
+    obs_mode: str = "latent"  # the controller's input: "latent" = [z, h]; "latent_cell" = [z, c, h] (MDN-RNN only)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.done_mode not in DONE_MODES:
             raise ValueError(f"done_mode must be one of {DONE_MODES}, got {self.done_mode!r}")
+        if self.obs_mode not in ("latent", "latent_cell"):
+            raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for a linear controller, got {self.obs_mode!r}")
         if self.temperature_range is not None:
             self.temperature_range = tuple(float(t) for t in self.temperature_range)
             if len(self.temperature_range) != 2 or not 0 < self.temperature_range[0] <= self.temperature_range[1]:
@@ -225,7 +239,8 @@ def train_controller(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "cmaes.json"
-    dim = LinearController.num_params(wm.latent_obs_dim, wm.action_space)
+    obs_dim = latent_dim(wm, config.obs_mode)
+    dim = LinearController.num_params(obs_dim, wm.action_space)
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
     if state is not None and len(state["mean"]) != dim:
         raise ValueError(f"{state_path} belongs to another controller shape; remove it or choose another --out")
@@ -240,8 +255,8 @@ def train_controller(
     while generation < config.generations:
         asked = np.asarray(es.ask())
         candidates = asked.astype(np.float32)
-        weights = candidates[:, : out_dim * wm.latent_obs_dim].reshape(-1, out_dim, wm.latent_obs_dim)
-        biases = candidates[:, out_dim * wm.latent_obs_dim :]
+        weights = candidates[:, : out_dim * obs_dim].reshape(-1, out_dim, obs_dim)
+        biases = candidates[:, out_dim * obs_dim :]
         owner = np.repeat(np.arange(len(candidates)), config.rollouts)
 
         def policy(obs: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -251,7 +266,8 @@ def train_controller(
 
         rng = np.random.default_rng([config.seed, generation])
         tau = rng.uniform(*config.temperature_range, size=len(owner)) if config.temperature_range else temperature
-        returns, _ = dream_returns(wm, policy, len(owner), tau, rng, config.max_steps, config.done_mode, config.done_threshold)
+        returns, _ = dream_returns(wm, policy, len(owner), tau, rng, config.max_steps, config.done_mode, config.done_threshold,
+                                   config.obs_mode)
         fitness = returns.reshape(len(candidates), config.rollouts).mean(1)
         es.tell(list(asked), list(-fitness))  # the float64 solutions it asked for
         generation += 1
@@ -263,9 +279,9 @@ def train_controller(
         bar.update(1)
         bar.set_postfix(mean=f"{fitness.mean():.1f}", best=f"{fitness.max():.1f}")
     bar.close()
-    info = {"env_id": wm.env_id, "bundle_fingerprint": wm.fingerprint, "trained_in": "dream",
+    info = {"env_id": wm.env_id, "bundle_fingerprint": wm.fingerprint, "trained_in": "dream", "obs_mode": config.obs_mode,
             "temperature": temperature if config.temperature_range is None else list(config.temperature_range),
             "cmaes": asdict(config), "history": history}
-    controller = LinearController.from_flat(np.asarray(state["mean"]), wm.latent_obs_dim, wm.action_space, info)
+    controller = LinearController.from_flat(np.asarray(state["mean"]), obs_dim, wm.action_space, info)
     controller.save(out)
     return controller

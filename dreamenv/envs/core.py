@@ -26,13 +26,14 @@ class BatchedDreamCore(ABC):
         return draw_noise(rng, n, *self.noise_dims)
 
     @abstractmethod
-    def latent_obs(self, state: Any) -> np.ndarray:
-        """The batch's latent observations, float32 (N, latent_obs_dim)."""
+    def latent_obs(self, state: Any, cell: bool = False) -> np.ndarray:
+        """The batch's latent observations, float32 (N, latent_obs_dim); with `cell`, M's LSTM cell state too
+        (obs_mode "latent_cell", MDN-RNN only)."""
 
     @abstractmethod
     def pixels(self, state: Any) -> np.ndarray:
         """The batch's decoded frames, uint8 (N, 64, 64, 3)."""
 
     def observe(self, state: Any, obs_mode: str) -> np.ndarray:
-        """The batch of observations in `obs_mode`."""
-        return self.latent_obs(state) if obs_mode == "latent" else self.pixels(state)
+        """The batch of observations in `obs_mode` ("latent", "latent_cell" or "pixels")."""
+        return self.pixels(state) if obs_mode == "pixels" else self.latent_obs(state, cell=obs_mode == "latent_cell")

@@ -109,9 +109,9 @@ class DreamCore(BatchedDreamCore):
         """The done head's p(done) (N,) for the step that led to `state` (M's head reads h_{t+1})."""
         return torch.sigmoid(self.wm.mdnrnn.done_head(state.h).squeeze(-1)).numpy()
 
-    def latent_obs(self, state: DreamState) -> np.ndarray:
-        """concat(z_t, h_t) as float32 (N, z_dim + hidden)."""
-        return torch.cat([state.z, state.h], dim=-1).numpy()
+    def latent_obs(self, state: DreamState, cell: bool = False) -> np.ndarray:
+        """concat(z_t, h_t) as float32 (N, z_dim + hidden); with `cell`, concat(z_t, c_t, h_t) (N, z_dim + 2 hidden)."""
+        return torch.cat([state.z, state.c, state.h] if cell else [state.z, state.h], dim=-1).numpy()
 
     @torch.inference_mode()
     def pixels(self, state: DreamState) -> np.ndarray:
@@ -162,9 +162,10 @@ class SingleDream:
         terminated = noise.done[0] < done_prob if done_mode == "sample" else done_prob > done_threshold
         return (z, h.astype(np.float32), c.astype(np.float32)), float(out[-2]), bool(terminated)
 
-    def latent_obs(self, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-        """concat(z_t, h_t), float32."""
-        return np.concatenate([state[0], state[1]])
+    def latent_obs(self, state: tuple[np.ndarray, np.ndarray, np.ndarray], cell: bool = False) -> np.ndarray:
+        """concat(z_t, h_t), float32; with `cell`, concat(z_t, c_t, h_t)."""
+        z, h, c = state
+        return np.concatenate([z, c, h] if cell else [z, h])
 
     @torch.inference_mode()
     def pixels(self, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -191,9 +192,9 @@ class BatchOfOneDream:
         state, reward, terminated = self.core.step(state, actions, temperature, noise, done_mode, done_threshold)
         return state, float(reward[0]), bool(terminated[0])
 
-    def latent_obs(self, state: tuple[torch.Tensor, ...]) -> np.ndarray:
+    def latent_obs(self, state: tuple[torch.Tensor, ...], cell: bool = False) -> np.ndarray:
         """The latent observation of the one env."""
-        return self.core.latent_obs(state)[0]
+        return self.core.latent_obs(state, cell)[0]
 
     def pixels(self, state: tuple[torch.Tensor, ...]) -> np.ndarray:
         """The decoded frame of the one env, uint8 (64, 64, 3)."""
@@ -221,7 +222,9 @@ class DreamEnv(gym.Env, EzPickle):
         temperature: tau of the sampling (MDN mixture, or RSSM categorical logits / tau); None takes the
             bundle's default. Settable between episodes through `env.unwrapped.temperature` or
             `reset(options={"temperature": tau})`.
-        obs_mode: "latent" (the model's latent state, float32) or "pixels" (64x64x3 uint8 decoded frame).
+        obs_mode: "latent" (the model's latent state, float32), "latent_cell" (MDN-RNN only: the latent state with
+            M's LSTM cell state, concat(z, c, h), as the original code's Doom controller saw it) or "pixels"
+            (64x64x3 uint8 decoded frame).
         done_mode: "sample" (Bernoulli of the done probability; RSSM: 1 - p(continue)) or "threshold".
         done_threshold: probability above which an episode ends in "threshold" mode.
         render_mode: None or "rgb_array" (the decoded frame).
@@ -257,7 +260,9 @@ class DreamEnv(gym.Env, EzPickle):
         self._noise = NoiseBuffer(1, *self.dream.noise_dims)
 
     def _observation(self) -> np.ndarray:
-        return self.dream.latent_obs(self._state) if self.obs_mode == "latent" else self.dream.pixels(self._state)
+        if self.obs_mode == "pixels":
+            return self.dream.pixels(self._state)
+        return self.dream.latent_obs(self._state, cell=self.obs_mode == "latent_cell")
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)

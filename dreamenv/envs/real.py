@@ -14,7 +14,7 @@ from dreamenv.data.preprocess import extract_frame
 from dreamenv.data.sources import make_source_env
 from dreamenv.envs.dream import DreamState
 from dreamenv.envs.rssm_core import RSSMState
-from dreamenv.envs.spaces import check_action, observation_space
+from dreamenv.envs.spaces import check_action, latent_dim, observation_space
 from dreamenv.models.rssm import mode_one_hot
 from dreamenv.models.vae import frames_to_tensor
 from dreamenv.registry import load_world_model
@@ -22,11 +22,13 @@ from dreamenv.worldmodel import WorldModel
 
 
 class MDNFilter:
-    """Follows n real episodes with V + M: z_t = V's mean of frame t, h_{t+1} = M(z_t, a_t, h_t), h_0 = 0."""
+    """Follows n real episodes with V + M: z_t = V's mean of frame t, h_{t+1} = M(z_t, a_t, h_t), h_0 = 0.
+    With `cell`, observations are concat(z_t, c_t, h_t) (obs_mode "latent_cell")."""
 
-    def __init__(self, world_model: WorldModel, n: int = 1) -> None:
+    def __init__(self, world_model: WorldModel, n: int = 1, cell: bool = False) -> None:
         self.wm = world_model
         self.n = n
+        self.cell = cell
         self.reset()
 
     def reset(self) -> None:
@@ -38,7 +40,7 @@ class MDNFilter:
     def observe(self, frames: np.ndarray) -> np.ndarray:
         """Take in frames (n, 64, 64, 3) uint8; returns the latent observations concat(z_t, h_t), (n, obs_dim)."""
         self.z = self.wm.encode_frames(frames)
-        return torch.cat([self.z, self.h], dim=-1).numpy()
+        return torch.cat([self.z, self.c, self.h] if self.cell else [self.z, self.h], dim=-1).numpy()
 
     @torch.inference_mode()
     def advance(self, actions: np.ndarray) -> None:
@@ -85,15 +87,20 @@ class RSSMFilter:
         return RSSMState(self.deter.clone(), self.stoch.clone())
 
 
-def latent_filter(world_model: WorldModel, n: int = 1) -> MDNFilter | RSSMFilter:
-    """The filter that turns n real episodes' frames and actions into the dream's latent observations, by model kind."""
-    return RSSMFilter(world_model, n) if world_model.model_kind == "rssm" else MDNFilter(world_model, n)
+def latent_filter(world_model: WorldModel, n: int = 1, obs_mode: str = "latent") -> MDNFilter | RSSMFilter:
+    """The filter that turns n real episodes' frames and actions into the dream's latent observations (of obs_mode
+    "latent" or "latent_cell"), by model kind."""
+    latent_dim(world_model, obs_mode)  # a clear error for a mode this bundle cannot give
+    if world_model.model_kind == "rssm":
+        return RSSMFilter(world_model, n)
+    return MDNFilter(world_model, n, cell=obs_mode == "latent_cell")
 
 
 class RealEnv(gym.Env, EzPickle):
     """The bundle's real env with the dream's observation: the latent state (or the preprocessed frame).
 
-    MDN-RNN: concat(z_t, h_t), z_t V's mean latent of the real frame, h_t M's LSTM state after (z_<t, a_<t).
+    MDN-RNN: concat(z_t, h_t), z_t V's mean latent of the real frame, h_t M's LSTM state after (z_<t, a_<t);
+    obs_mode "latent_cell" adds the LSTM cell state: concat(z_t, c_t, h_t).
     RSSM: concat(h_t, z_t), z_t the posterior's mode given h_t and the real frame. Both are stepped in the same
     order as the dream. Reward, termination and truncation come from the game.
     """
@@ -120,13 +127,13 @@ class RealEnv(gym.Env, EzPickle):
         self.env = make_source_env(
             self.world_model.env_id, render_mode="rgb_array" if needs_render else None, **(env_kwargs or {})
         )
-        self._filter = latent_filter(self.world_model)
+        self._filter = latent_filter(self.world_model, obs_mode="latent" if obs_mode == "pixels" else obs_mode)
         self._started = False
 
     def _see(self, obs: Any) -> np.ndarray:
         frame = extract_frame(obs, self.env, self.world_model.frame_spec)
         latent = self._filter.observe(frame[None])[0]
-        return latent if self.obs_mode == "latent" else frame
+        return frame if self.obs_mode == "pixels" else latent
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)

@@ -103,8 +103,10 @@ class RSSMDreamCore(BatchedDreamCore):
         """1 - p(continue) (N,) for the step that led to `state` (the continue head reads [h_{t+1}, z_{t+1}])."""
         return torch.sigmoid(-self.model.continue_logit(self.model.feature(state.deter, state.stoch))).numpy()
 
-    def latent_obs(self, state: RSSMState) -> np.ndarray:
-        """concat(h_t, z_t) as float32 (N, deter + stoch * classes)."""
+    def latent_obs(self, state: RSSMState, cell: bool = False) -> np.ndarray:
+        """concat(h_t, z_t) as float32 (N, deter + stoch * classes); the GRU has no cell state to add."""
+        if cell:
+            raise ValueError("obs_mode 'latent_cell' needs an MDN-RNN bundle: the RSSM has no LSTM cell state")
         return self.model.feature(state.deter, state.stoch).numpy()
 
     @torch.inference_mode()

@@ -8,13 +8,26 @@ import numpy as np
 
 from dreamenv.worldmodel import WorldModel
 
-OBS_MODES = ("latent", "pixels")
+OBS_MODES = ("latent", "latent_cell", "pixels")
+
+
+def latent_dim(world_model: WorldModel, obs_mode: str) -> int:
+    """Width of a latent observation: concat(z, h) for "latent"; concat(z, c, h) for "latent_cell", which adds the
+    MDN-RNN's LSTM cell state c (the input of the original World Models code's Doom controller)."""
+    if obs_mode == "latent":
+        return world_model.latent_obs_dim
+    if obs_mode == "latent_cell":
+        if world_model.model_kind != "mdnrnn":
+            raise ValueError(f"obs_mode 'latent_cell' needs an MDN-RNN bundle: this {world_model.model_kind} bundle has no "
+                             "LSTM cell state; use obs_mode 'latent'")
+        return world_model.latent_obs_dim + world_model.hidden_size
+    raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for a latent observation, got {obs_mode!r}")
 
 
 def observation_space(world_model: WorldModel, obs_mode: str) -> gym.spaces.Box:
-    """Box of concat(z, h) float32 for "latent", 64x64x3 uint8 for "pixels"."""
-    if obs_mode == "latent":
-        return gym.spaces.Box(-np.inf, np.inf, (world_model.latent_obs_dim,), np.float32)
+    """Box of the latent observation (float32, see latent_dim) or of the 64x64x3 uint8 frame for "pixels"."""
+    if obs_mode in ("latent", "latent_cell"):
+        return gym.spaces.Box(-np.inf, np.inf, (latent_dim(world_model, obs_mode),), np.float32)
     if obs_mode == "pixels":
         size = world_model.frame_spec.size
         return gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
