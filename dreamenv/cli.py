@@ -196,7 +196,8 @@ def cmd_controller(args: argparse.Namespace) -> None:
     overrides = {"population": args.population, "rollouts": args.rollouts, "generations": args.generations,
                  "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps,
                  "temperature_range": args.temperature_range, "done_mode": args.done_mode, "done_threshold": args.done_threshold,
-                 "obs_mode": args.obs_mode}
+                 "obs_mode": args.obs_mode, "real_starts": args.real_starts or None,
+                 "real_start_episodes": args.real_start_episodes}
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     controller = train_controller(args.bundle, args.out, CMAESConfig(**recipe))
     last = controller.info["history"][-1] if controller.info["history"] else {}
@@ -483,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="cap on dream episode length (default: the env's limit)")
     p.add_argument("--obs-mode", choices=["latent", "latent_cell"],
                    help="the controller's input: latent = [z, h] (default), latent_cell = [z, c, h] with M's LSTM cell state")
+    p.add_argument("--real-starts", action="store_true",
+                   help="start each dream from a state of a real episode in the bundle's data (with --max-steps: short "
+                   "branches, as Dreamer imagines from replayed states)")
+    p.add_argument("--real-start-episodes", type=int, help="real episodes followed for --real-starts (default 64)")
     p.add_argument("--seed", type=int, help="CMA-ES seed")
     p.set_defaults(func=cmd_controller)
 

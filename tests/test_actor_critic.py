@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import dreamenv
-from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, StartStates, lambda_returns,
-                                          mlp, real_start_bank, train_actor_critic)
+from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, lambda_returns, mlp,
+                                          train_actor_critic)
+from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
 from dreamenv.cli import main
 from dreamenv.compare import load_policy

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dreamenv.agents.controller as controller_module
+from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.controller import (
     ControllerMismatchError,
     LinearController,
@@ -23,6 +24,7 @@ from dreamenv.cli import main
 from dreamenv.compare import compare
 from dreamenv.data.collect import collect
 from dreamenv.data.dataset import open_rollouts
+from dreamenv.envs.dream import dream_core
 from dreamenv.evaluate import evaluate, format_table
 from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny, tiny_cmaes_config
@@ -198,18 +200,54 @@ def test_dream_returns_lengths(tiny: Tiny) -> None:
     policy, seen = _constant_policy(space)
     returns, lengths = dream_returns(_fixed_done(tiny, 0.999), policy, 8, 1.0, np.random.default_rng(0), 30, "threshold")
     assert lengths.tolist() == [1] * 8 and len(seen) == 1 and np.all(np.isfinite(returns))
-    # Never terminating: every dream runs to max_steps, with every row in every call.
+    # Never terminating: every dream runs to max_steps, with every row in every call, and never past the episode limit.
+    never = _fixed_done(tiny, 0.001)
     policy, seen = _constant_policy(space)
-    returns, lengths = dream_returns(_fixed_done(tiny, 0.001), policy, 8, 1.0, np.random.default_rng(0), 30, "threshold")
-    assert lengths.tolist() == [30] * 8 and len(seen) == 30 and all(len(r) == 8 for r in seen)
-    # Sampled with p = 0.3: lengths are geometric (mean 1 / 0.3, capped at 50); finished rows drop out.
+    returns, lengths = dream_returns(never, policy, 8, 1.0, np.random.default_rng(0), 12, "threshold")
+    assert lengths.tolist() == [12] * 8 and len(seen) == 12 and all(len(r) == 8 for r in seen)
     policy, seen = _constant_policy(space)
-    returns, lengths = dream_returns(_fixed_done(tiny, 0.3), policy, 2000, 1.0, np.random.default_rng(0), 50, "sample")
-    expected = (1 - 0.7**50) / 0.3
+    returns, lengths = dream_returns(never, policy, 8, 1.0, np.random.default_rng(0), never.max_episode_steps + 10, "threshold")
+    assert lengths.tolist() == [never.max_episode_steps] * 8
+    # Sampled with p = 0.3: lengths are geometric (mean 1 / 0.3, capped at 15); finished rows drop out.
+    policy, seen = _constant_policy(space)
+    returns, lengths = dream_returns(_fixed_done(tiny, 0.3), policy, 2000, 1.0, np.random.default_rng(0), 15, "sample")
+    expected = (1 - 0.7**15) / 0.3
     assert abs(lengths.mean() - expected) < 0.3  # standard error about 0.06
-    assert lengths.min() >= 1 and lengths.max() <= 50
+    assert lengths.min() >= 1 and lengths.max() <= 15
     assert all(len(b) <= len(a) and set(b) <= set(a) for a, b in zip(seen, seen[1:]))
     assert [len(r) for r in seen] == [int((lengths > t).sum()) for t in range(len(seen))]
+
+
+def test_dream_returns_from_real_starts(tiny_discrete: Tiny) -> None:
+    """Dreams started mid-episode run max_steps, or to the episode limit when that comes first."""
+    never = _fixed_done(tiny_discrete, 0.001)
+    starts = StartStates(dream_core(never), real_start_bank(never, 1000, np.random.default_rng(0)))
+    _, steps = starts.draw(64, np.random.default_rng(5))  # dream_returns draws its starts first from its generator
+    assert steps.max() > 8
+    policy, _ = _constant_policy(_space(tiny_discrete))
+    _, lengths = dream_returns(never, policy, 64, 1.0, np.random.default_rng(5), 8, "threshold", starts=starts)
+    np.testing.assert_array_equal(lengths, np.minimum(8, never.max_episode_steps - steps))
+
+
+def test_cmaes_from_real_starts(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[StartStates | None] = []
+
+    def recording(wm, policy, n, *args, **kwargs):
+        seen.append(args[-1])
+        return dream_returns(wm, policy, n, *args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "dream_returns", recording)
+    config = controller_module.CMAESConfig(**{**vars(tiny_cmaes_config(1)), "real_starts": True, "real_start_episodes": 3,
+                                              "max_steps": 5})
+    ctrl = train_controller(tiny_discrete.bundle, tmp_path / "c", config, progress=False)
+    assert ctrl.info["cmaes"]["real_starts"] and len(seen) == 1
+    assert 3 <= len(seen[0].bank[1]) <= 3 * 20 and seen[0].bank[1].max() > 0  # 3 real episodes, mid-episode states
+    wm = WorldModel.load(tiny_discrete.bundle)
+    wm.info["data"]["rollouts"] = [str(tmp_path / "gone.h5")]
+    with pytest.raises(ValueError, match="real_starts needs the bundle's rollouts.*gone.h5"):
+        train_controller(wm.save(tmp_path / "no-data"), tmp_path / "c2", config, progress=False)
+    with pytest.raises(ValueError, match="real_start_episodes"):
+        controller_module.CMAESConfig(real_start_episodes=0)
 
 
 def test_dream_returns_sum_the_reward_head(tiny_discrete: Tiny) -> None:
@@ -247,9 +285,9 @@ def test_dream_returns_per_dream_temperature(tiny_discrete: Tiny) -> None:
 def test_cmaes_randomised_temperature_and_threshold(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple] = []
 
-    def recording(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold, obs_mode):
+    def recording(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold, obs_mode, starts):
         seen.append((np.asarray(tau), done_mode, done_threshold))
-        return dream_returns(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold, obs_mode)
+        return dream_returns(wm, policy, n, tau, rng, max_steps, done_mode, done_threshold, obs_mode, starts)
 
     monkeypatch.setattr(controller_module, "dream_returns", recording)
     config = tiny_cmaes_config(generations=2)

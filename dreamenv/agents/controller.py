@@ -14,6 +14,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.envs.dream import DONE_MODES, dream_core
 from dreamenv.envs.real import latent_filter
 from dreamenv.envs.spaces import latent_dim
@@ -167,16 +168,20 @@ def dream_returns(
     done_mode: str = "sample",
     done_threshold: float = 0.5,
     obs_mode: str = "latent",
+    starts: StartStates | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run n dreams as one batch until each terminates or max_steps; returns (returns, lengths).
 
     policy(obs (m, obs_dim), rows (m,)) -> actions for the rows still running; rows index 0..n-1, so a
     population can give each row its own controller. Finished rows drop out of the batch.
     temperature is one float or an (n,) array, one per dream (randomised temperature).
+    starts (default: the bundle's initial-state bank) says where the dreams begin; a dream started at step t of a
+    real episode also stops at the episode limit, after max_episode_steps - t steps.
     """
     core = dream_core(world_model)
     max_steps = max_steps or world_model.max_episode_steps
-    state = core.initial_state(rng.integers(0, world_model.initial_z.shape[0], size=n))
+    state, start_steps = (starts or StartStates(core, None)).draw(n, rng)
+    limit = np.minimum(max_steps, world_model.max_episode_steps - start_steps)
     per_row_tau = np.ndim(temperature) > 0
     if per_row_tau and np.shape(temperature) != (n,):
         raise ValueError(f"temperature must be a float or an array of shape ({n},), got shape {np.shape(temperature)}")
@@ -184,13 +189,14 @@ def dream_returns(
     rows = np.arange(n)
     returns = np.zeros(n, np.float64)
     lengths = np.zeros(n, np.int64)
-    for _ in range(max_steps):
+    for _ in range(int(limit.max())):
         actions = policy(core.observe(state, obs_mode), rows)
         m = len(rows)
         noise = core.draw_noise(rng, m)
         state, reward, terminated = core.step(state, world_model.encode_actions(actions), tau, noise, done_mode, done_threshold)
         returns[rows] += reward
         lengths[rows] += 1
+        terminated = terminated | (lengths[rows] >= limit[rows])
         if terminated.any():
             keep = torch.from_numpy(~terminated)
             state = type(state)(*(t[keep] for t in state))
@@ -216,11 +222,15 @@ class CMAESConfig:
     done_threshold: float = 0.5
     max_steps: int | None = None  # None: the bundle's episode limit
     obs_mode: str = "latent"  # the controller's input: "latent" = [z, h]; "latent_cell" = [z, c, h] (MDN-RNN only)
+    real_starts: bool = False  # dreams start from states of the bundle's real episodes (short branches with max_steps)
+    real_start_episodes: int = 64  # real episodes followed to build that start bank
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.done_mode not in DONE_MODES:
             raise ValueError(f"done_mode must be one of {DONE_MODES}, got {self.done_mode!r}")
+        if self.real_start_episodes < 1:
+            raise ValueError(f"real_start_episodes must be >= 1, got {self.real_start_episodes}")
         if self.obs_mode not in ("latent", "latent_cell"):
             raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for a linear controller, got {self.obs_mode!r}")
         if self.temperature_range is not None:
@@ -251,6 +261,13 @@ def train_controller(
     )
     history = state["history"] if state else []
     out_dim = output_dim(wm.action_space)
+    starts = None
+    if config.real_starts:
+        try:
+            bank = real_start_bank(wm, config.real_start_episodes, np.random.default_rng(config.seed), progress)
+        except FileNotFoundError as err:
+            raise ValueError(f"real_starts needs the bundle's rollouts: {err}; train without real starts") from None
+        starts = StartStates(dream_core(wm), bank)
     bar = tqdm(total=config.generations, initial=generation, desc=f"CMA-ES tau={config.temperature_range or temperature}", unit="gen", disable=not progress)
     while generation < config.generations:
         asked = np.asarray(es.ask())
@@ -267,7 +284,7 @@ def train_controller(
         rng = np.random.default_rng([config.seed, generation])
         tau = rng.uniform(*config.temperature_range, size=len(owner)) if config.temperature_range else temperature
         returns, _ = dream_returns(wm, policy, len(owner), tau, rng, config.max_steps, config.done_mode, config.done_threshold,
-                                   config.obs_mode)
+                                   config.obs_mode, starts)
         fitness = returns.reshape(len(candidates), config.rollouts).mean(1)
         es.tell(list(asked), list(-fitness))  # the float64 solutions it asked for
         generation += 1

@@ -1,0 +1,79 @@
+"""Where dreams start: the bundle's initial-state bank, or latent states of the real episodes it was trained on
+(followed through V + M, or the RSSM's posterior, exactly as RealEnv follows the game), as DreamerV3 starts its
+imagination from replayed states. Shared by the actor-critic and the CMA-ES controller."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dreamenv.data.dataset import open_rollouts
+from dreamenv.envs.dream import DreamCore
+from dreamenv.envs.real import latent_filter
+from dreamenv.envs.rssm_core import RSSMDreamCore
+from dreamenv.worldmodel import WorldModel
+
+FILTER_GROUP = 16  # real episodes followed side by side when building the start bank
+
+
+def recorded_rollouts(world_model: WorldModel) -> list[Path]:
+    """The rollout stores the bundle records training on; FileNotFoundError when it records none or one is not here."""
+    stores = [Path(p) for p in world_model.info.get("data", {}).get("rollouts", [])]
+    if not stores:
+        raise FileNotFoundError("the bundle records no rollout stores")
+    missing = [str(p) for p in stores if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the bundle's rollouts {missing} are not found here (paths are as recorded at training)")
+    return stores
+
+
+@torch.inference_mode()
+def real_start_bank(world_model: WorldModel, episodes: int, rng: np.random.Generator,
+                    progress: bool = False) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    """Every step's latent state of `episodes` random episodes of the bundle's rollouts, and its step number.
+
+    The states are what RealEnv sees (latent_filter: V's latents and M's recurrent state after each real prefix, or
+    the RSSM's posterior), as dream-core states, so imagination can start from real situations as in DreamerV3.
+    """
+    with ExitStack() as stack:
+        stores = [stack.enter_context(open_rollouts(path)) for path in recorded_rollouts(world_model)]
+        refs = [(store, int(start), int(end)) for store in stores for start, end in store.episode_bounds()]
+        actions = {id(store): store.load_arrays()["actions"] for store in stores}
+        chosen = rng.choice(len(refs), size=min(episodes, len(refs)), replace=False)
+        states, steps = [], []
+        for first in tqdm(range(0, len(chosen), FILTER_GROUP), desc="real starts", unit="group", disable=not progress):
+            group = [refs[i] for i in chosen[first : first + FILTER_GROUP]]
+            frames = [store.load_frames(np.arange(start, end)) for store, start, end in group]
+            acts = [actions[id(store)][start:end] for store, start, end in group]
+            lengths = np.array([end - start for _, start, end in group])
+            tracker = latent_filter(world_model, len(group))
+            for t in range(int(lengths.max())):
+                last = np.minimum(t, lengths - 1)  # ended episodes repeat their last frame and action, dropped below
+                tracker.observe(np.stack([f[i] for f, i in zip(frames, last)]))
+                rows = torch.from_numpy(np.flatnonzero(t < lengths))
+                here = tracker.dream_state()
+                states.append(type(here)(*(x[rows] for x in here)))
+                steps.append(np.full(len(rows), t, np.int64))
+                tracker.advance(np.stack([a[i] for a, i in zip(acts, last)]))
+    return type(states[0])(*(torch.cat(parts) for parts in zip(*states))), np.concatenate(steps)
+
+
+class StartStates:
+    """Where imagined rollouts start: rows of a real-state bank (real_start_bank), or without one the bundle's
+    initial-state bank (encoded first frames, recurrent state 0)."""
+
+    def __init__(self, core: DreamCore | RSSMDreamCore, bank: tuple[tuple[torch.Tensor, ...], np.ndarray] | None) -> None:
+        self.core = core
+        self.bank = bank
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+        """n random start states (a dream-core state) and the episode step each one is at."""
+        if self.bank is None:
+            index = rng.integers(0, self.core.wm.initial_z.shape[0], n)
+            return self.core.initial_state(index), np.zeros(n, np.int64)
+        states, steps = self.bank
+        rows = rng.integers(0, len(steps), n)
+        return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows]
