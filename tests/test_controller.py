@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import dreamenv.agents.controller as controller_module
-from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.controller import (
     ControllerMismatchError,
     LinearController,
@@ -20,6 +19,7 @@ from dreamenv.agents.controller import (
     load_controller,
     train_controller,
 )
+from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.cli import main
 from dreamenv.compare import compare
 from dreamenv.data.collect import collect

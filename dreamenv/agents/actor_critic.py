@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
+from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import config_from_table
-from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.envs.dream import dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
