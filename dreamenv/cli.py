@@ -196,8 +196,8 @@ def cmd_controller(args: argparse.Namespace) -> None:
     overrides = {"population": args.population, "rollouts": args.rollouts, "generations": args.generations,
                  "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps,
                  "temperature_range": args.temperature_range, "done_mode": args.done_mode, "done_threshold": args.done_threshold,
-                 "obs_mode": args.obs_mode, "real_starts": args.real_starts or None,
-                 "real_start_episodes": args.real_start_episodes}
+                 "obs_mode": args.obs_mode, "real_starts": (args.real_starts or bool(args.start_data)) or None,
+                 "real_start_episodes": args.real_start_episodes, "start_data": args.start_data}
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     controller = train_controller(args.bundle, args.out, CMAESConfig(**recipe))
     last = controller.info["history"][-1] if controller.info["history"] else {}
@@ -251,6 +251,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_train_agent(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config)
+    if args.start_data and args.algo != "actor-critic":
+        raise ValueError(f"--start-data is where the actor-critic's imagination starts; {args.algo} does not use it "
+                         "(for CMA-ES: dreamenv controller --start-data)")
     if args.algo == "cmaes":
         from dreamenv.agents.controller import CMAESConfig, train_controller
 
@@ -264,8 +267,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
         from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
 
         settings = recipe.get("actor_critic", {})
-        settings.update({k: v for k, v in {"batch": args.n_envs, "temperature": args.temperature, "seed": args.seed}.items()
-                         if v is not None})
+        overrides = {"batch": args.n_envs, "temperature": args.temperature, "seed": args.seed, "start_data": args.start_data}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
         config = ActorCriticConfig.from_dict(settings)
         if args.timesteps is not None:  # imagined steps -> updates of batch x horizon steps each
             config.iterations = -(-args.timesteps // (config.batch * config.horizon))
@@ -488,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start each dream from a state of a real episode in the bundle's data (with --max-steps: short "
                    "branches, as Dreamer imagines from replayed states)")
     p.add_argument("--real-start-episodes", type=int, help="real episodes followed for --real-starts (default 64)")
+    p.add_argument("--start-data", nargs="+", metavar="DATA",
+                   help="rollout store(s) to draw the real starts from (implies --real-starts; default: the bundle's own data)")
     p.add_argument("--seed", type=int, help="CMA-ES seed")
     p.set_defaults(func=cmd_controller)
 
@@ -537,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=int, help="ppo, sac, actor-critic: dream steps to train on (ppo, sac default 1,000,000)")
     p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
     p.add_argument("--n-envs", type=int, help="ppo, sac, actor-critic: dreams stepped as one batch (default 16 / 4 / 256)")
+    p.add_argument("--start-data", nargs="+", metavar="DATA",
+                   help="actor-critic: rollout store(s) its imagination starts from (default: the bundle's own data, "
+                   "which a shipped bundle does not include)")
     p.add_argument("--seed", type=int, help="training seed")
     p.set_defaults(func=cmd_train_agent)
 

@@ -61,6 +61,7 @@ class ActorCriticConfig:
     max_std: float = 1.0
     real_starts: bool | None = None  # start from real episodes' states: None = when the bundle's rollouts are readable
     real_start_episodes: int = 64  # real episodes followed to build the start bank (ours: DreamerV3 replays its data)
+    start_data: list[str] | None = None  # rollout stores of the real starts (None: the bundle's recorded rollouts)
     temperature: float | None = None  # None: the bundle's default
     done_mode: str = "sample"
     done_threshold: float = 0.5
@@ -75,6 +76,8 @@ class ActorCriticConfig:
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got gamma {self.gamma}, lam {self.lam}")
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got min_std {self.min_std}, max_std {self.max_std}")
+        if self.start_data and self.real_starts is False:
+            raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ActorCriticConfig":
@@ -231,9 +234,9 @@ def train_actor_critic(
     """Learn a policy in imagination (Discrete or Box actions); writes out/actor_critic.safetensors + out/agent.json
     and resumes from out/train/ (model and optimiser checkpoint).
 
-    config.real_starts None starts every update from real episodes' states when the bundle's recorded rollouts are
-    readable here, and otherwise (with a warning) from the initial-state bank; True makes missing rollouts an error,
-    False always uses the initial-state bank. agent.json's "starts" says which one ran.
+    config.real_starts None starts every update from real episodes' states when the bundle's recorded rollouts (or
+    config.start_data) are readable here, and otherwise (with a warning) from the initial-state bank; True makes
+    missing rollouts an error, False always uses the initial-state bank. agent.json's "starts" says which one ran.
     """
     config = config or ActorCriticConfig()
     wm = load_world_model(bundle)
@@ -247,9 +250,10 @@ def train_actor_critic(
     bank = None
     if config.real_starts is not False:
         try:
-            bank = real_start_bank(wm, config.real_start_episodes, np.random.default_rng(config.seed), progress)
+            bank = real_start_bank(wm, config.real_start_episodes, np.random.default_rng(config.seed), progress,
+                                   config.start_data)
         except FileNotFoundError as err:
-            if config.real_starts:
+            if config.real_starts or config.start_data:
                 raise ValueError(f"real_starts needs the bundle's rollouts: {err}; set real_starts = false to start "
                                  "from the bundle's initial states") from None
             warnings.warn(f"actor-critic: imagination starts from the bundle's initial states: {err}", stacklevel=2)

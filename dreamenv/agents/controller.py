@@ -224,6 +224,7 @@ class CMAESConfig:
     obs_mode: str = "latent"  # the controller's input: "latent" = [z, h]; "latent_cell" = [z, c, h] (MDN-RNN only)
     real_starts: bool = False  # dreams start from states of the bundle's real episodes (short branches with max_steps)
     real_start_episodes: int = 64  # real episodes followed to build that start bank
+    start_data: list[str] | None = None  # rollout stores of the real starts (None: the bundle's recorded rollouts)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -231,6 +232,8 @@ class CMAESConfig:
             raise ValueError(f"done_mode must be one of {DONE_MODES}, got {self.done_mode!r}")
         if self.real_start_episodes < 1:
             raise ValueError(f"real_start_episodes must be >= 1, got {self.real_start_episodes}")
+        if self.start_data and not self.real_starts:
+            raise ValueError("start_data is where real starts come from: set real_starts = true (--real-starts) or drop it")
         if self.obs_mode not in ("latent", "latent_cell"):
             raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for a linear controller, got {self.obs_mode!r}")
         if self.temperature_range is not None:
@@ -264,7 +267,8 @@ def train_controller(
     starts = None
     if config.real_starts:
         try:
-            bank = real_start_bank(wm, config.real_start_episodes, np.random.default_rng(config.seed), progress)
+            bank = real_start_bank(wm, config.real_start_episodes, np.random.default_rng(config.seed), progress,
+                                   config.start_data)
         except FileNotFoundError as err:
             raise ValueError(f"real_starts needs the bundle's rollouts: {err}; train without real starts") from None
         starts = StartStates(dream_core(wm), bank)

@@ -3,6 +3,7 @@
 imagination from replayed states. Shared by the actor-critic and the CMA-ES controller."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dreamenv.data.dataset import open_rollouts
+from dreamenv.data.dataset import Rollouts, open_rollouts
 from dreamenv.envs.dream import DreamCore
 from dreamenv.envs.real import latent_filter
 from dreamenv.envs.rssm_core import RSSMDreamCore
@@ -26,20 +27,33 @@ def recorded_rollouts(world_model: WorldModel) -> list[Path]:
         raise FileNotFoundError("the bundle records no rollout stores")
     missing = [str(p) for p in stores if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"the bundle's rollouts {missing} are not found here (paths are as recorded at training)")
+        raise FileNotFoundError(f"the bundle's rollouts {missing} are not found here (paths are as recorded at training; "
+                                "a shipped bundle's data is not shipped: collect some and pass it as start_data, "
+                                "`--start-data DATA.h5`)")
     return stores
 
 
+def check_start_data(world_model: WorldModel, store: Rollouts) -> None:
+    """Raise ValueError unless `store` holds rollouts of the bundle's env, preprocessing and action space."""
+    if (store.env_id, store.frame_spec, store.action_space) != (world_model.env_id, world_model.frame_spec, world_model.action_space):
+        raise ValueError(f"{store.path} holds {store.env_id} rollouts ({store.frame_spec}, {store.action_space}); the bundle is "
+                         f"a world model of {world_model.env_id} ({world_model.frame_spec}, {world_model.action_space}): "
+                         f"collect start data with `dreamenv collect {world_model.env_id}`")
+
+
 @torch.inference_mode()
-def real_start_bank(world_model: WorldModel, episodes: int, rng: np.random.Generator,
-                    progress: bool = False) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
-    """Every step's latent state of `episodes` random episodes of the bundle's rollouts, and its step number.
+def real_start_bank(world_model: WorldModel, episodes: int, rng: np.random.Generator, progress: bool = False,
+                    data: Sequence[str | Path] | None = None) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    """Every step's latent state of `episodes` random episodes of `data` (default: the bundle's recorded rollouts),
+    and its step number.
 
     The states are what RealEnv sees (latent_filter: V's latents and M's recurrent state after each real prefix, or
     the RSSM's posterior), as dream-core states, so imagination can start from real situations as in DreamerV3.
     """
     with ExitStack() as stack:
-        stores = [stack.enter_context(open_rollouts(path)) for path in recorded_rollouts(world_model)]
+        stores = [stack.enter_context(open_rollouts(path)) for path in (data or recorded_rollouts(world_model))]
+        for store in stores:
+            check_start_data(world_model, store)
         refs = [(store, int(start), int(end)) for store in stores for start, end in store.episode_bounds()]
         actions = {id(store): store.load_arrays()["actions"] for store in stores}
         chosen = rng.choice(len(refs), size=min(episodes, len(refs)), replace=False)
