@@ -9,7 +9,7 @@ from dreamenv.registry import load_world_model, register_bundle, register_shippe
 from dreamenv.worldmodel import BundleError, WorldModel
 
 __all__ = [
-    "BundleError", "WorldModel", "compare", "load_controller", "load_world_model", "make_dream", "make_dream_vec", "make_real", "sb3_vec_env", "register_bundle",
+    "BundleError", "WorldModel", "compare", "load_agent", "load_controller", "load_world_model", "make_dream", "make_dream_vec", "make_real", "sb3_vec_env", "register_bundle",
 ]
 
 
@@ -49,6 +49,14 @@ def load_controller(controller: str | Path, bundle: Any = None):
     from dreamenv.agents.controller import load_controller as _load
 
     return _load(controller, bundle)
+
+
+def load_agent(agent: str | Path, bundle: Any = None):
+    """A trained agent (a `dreamenv train-agent` directory or a shipped name such as 'VizdoomTakeCover', whose
+    actor-critic learned in the shipped dream); predict(obs, deterministic=True) -> (action, None)."""
+    from dreamenv.agents.saved import load_agent as _load
+
+    return _load(agent, world_model=load_world_model(bundle) if bundle is not None else None)
 
 
 register_shipped()

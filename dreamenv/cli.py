@@ -516,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="score any agent in the dream and in the real game: paired seeds, bootstrap 95%% CIs")
     p.add_argument("bundle", help="bundle directory or shipped name")
     p.add_argument("--policy", required=True,
-                   help="controller directory or shipped name, `dreamenv train-agent` directory, or an SB3 .zip (with --algo)")
+                   help="controller directory or shipped name, `dreamenv train-agent` directory (or shipped name with --algo "
+                   "actor-critic), or an SB3 .zip (with --algo)")
     p.add_argument("--algo", choices=POLICY_ALGOS, help="what saved the policy; needed for a bare SB3 .zip")
     p.add_argument("--temperatures", type=_floats, help="comma-separated dream temperatures (default: the bundle's)")
     p.add_argument("--episodes", type=int, default=100, help="episodes in each; episode i uses seed SEED+i in both (default 100)")

@@ -33,8 +33,8 @@ POLICY_ALGOS = ("linear", "actor-critic", "a2c", "ddpg", "dqn", "ppo", "sac", "t
 # --- policies -------------------------------------------------------------------------------------------------
 
 def load_policy(policy: str | Path, algo: str | None = None, bundle: Any = None) -> Any:
-    """A saved policy: a controller directory or shipped name ("linear"), a `dreamenv train-agent` directory, or an
-    SB3 .zip with the algorithm that saved it; checked against `bundle` when given."""
+    """A saved policy: a controller directory or shipped name ("linear"), a `dreamenv train-agent` directory or, with
+    its algo, a shipped agent's name, or an SB3 .zip with the algorithm that saved it; checked against `bundle` when given."""
     from dreamenv.agents.controller import LinearController
     from dreamenv.agents.saved import AGENT_FILE, load_agent
     from dreamenv.agents.sb3 import SB3_ALGOS, load_sb3_zip
@@ -44,8 +44,9 @@ def load_policy(policy: str | Path, algo: str | None = None, bundle: Any = None)
                          "the SB3 names: a .zip or train-agent directory; actor-critic: a train-agent directory)")
     path = Path(policy).expanduser()
     world_model = load_world_model(bundle) if bundle is not None else None
-    if (path / AGENT_FILE).is_file():
-        return load_agent(path, algo, world_model)
+    shipped_agent = not path.exists() and path.suffix != ".zip" and algo not in (None, "linear")  # a name and an algo
+    if (path / AGENT_FILE).is_file() or shipped_agent:
+        return load_agent(policy, algo, world_model)
     if path.suffix == ".zip":
         if algo not in SB3_ALGOS:
             raise ValueError(f"{path}: say which Stable-Baselines3 algorithm saved it (algo='ppo', --algo ppo; one of {', '.join(SB3_ALGOS)})")

@@ -52,6 +52,20 @@ def resolve_controller(controller: str | Path) -> Path:
     )
 
 
+def resolve_agent(agent: str | Path) -> Path:
+    """A `dreamenv train-agent` directory, or the agent shipped beside the bundle of that name."""
+    path = Path(agent).expanduser()
+    if path.exists():
+        return path.resolve()
+    shipped = CHECKPOINTS / str(agent) / "agent"
+    if (shipped / "agent.json").is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"{agent!r} is neither an agent directory (written by `dreamenv train-agent`) nor a shipped agent name "
+        f"(shipped: {', '.join(n for n in shipped_names() if (CHECKPOINTS / n / 'agent' / 'agent.json').is_file()) or 'none'})."
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, mtime_ns: int) -> WorldModel:
     return WorldModel.load(path)

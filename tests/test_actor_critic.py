@@ -193,6 +193,45 @@ def test_real_starts_option(tiny_discrete: Tiny, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "off" / "agent.json").read_text())["starts"] == "initial"
 
 
+def test_real_starts_from_other_data(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    wm = WorldModel.load(tiny_discrete.bundle)
+    wm.info["data"]["rollouts"] = [str(tmp_path / "gone.h5")]  # as a shipped bundle: its own data is not here
+    bundle = wm.save(tmp_path / "no-data")
+    with pytest.raises(FileNotFoundError, match="--start-data"):
+        real_start_bank(WorldModel.load(bundle), 3, np.random.default_rng(0))
+    config = _small(iterations=1, batch=8, horizon=3, start_data=[str(tiny_discrete.rollouts)])
+    train_actor_critic(bundle, tmp_path / "other", config, progress=False)
+    info = json.loads((tmp_path / "other" / "agent.json").read_text())
+    assert info["starts"] == "real" and info["config"]["start_data"] == [str(tiny_discrete.rollouts)]
+    with pytest.raises(ValueError, match="holds .* rollouts.*collect start data"):  # another env's data
+        real_start_bank(WorldModel.load(bundle), 3, np.random.default_rng(0), data=[tiny_box.rollouts])
+    with pytest.raises(ValueError, match="start_data is where real starts come from"):
+        _small(real_starts=False, start_data=[str(tiny_discrete.rollouts)])
+    capsys.readouterr()  # the CLI: --start-data is the actor-critic's
+    assert main(["train-agent", str(bundle), "--algo", "ppo", "--out", str(tmp_path / "ppo"), "--start-data", str(tiny_discrete.rollouts)]) != 0
+    assert "ppo does not use it" in capsys.readouterr().err and not (tmp_path / "ppo").exists()
+
+
+def test_shipped_agent_by_name(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from dreamenv import registry
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny_discrete.bundle, checkpoints / "Tiny" / "bundle")
+    train_actor_critic(checkpoints / "Tiny" / "bundle", checkpoints / "Tiny" / "agent", _small(iterations=1, batch=8),
+                       progress=False)
+    monkeypatch.setattr(registry, "CHECKPOINTS", checkpoints)
+    policy = dreamenv.load_agent("Tiny", bundle="Tiny")
+    assert isinstance(policy, ActorCriticPolicy) and policy.info["iterations"] == 1
+    assert isinstance(load_policy("Tiny", algo="actor-critic", bundle=tiny_discrete.bundle), ActorCriticPolicy)
+    with pytest.raises(ValueError, match="holds a actor-critic agent, not ppo"):
+        load_policy("Tiny", algo="ppo")
+    with pytest.raises(FileNotFoundError, match=r"nor a shipped agent name \(shipped: Tiny\)"):
+        dreamenv.load_agent("Nope")
+
+
 def test_train_agent_actor_critic_resumes_and_scores(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "ac.toml"

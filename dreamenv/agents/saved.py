@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dreamenv.registry import resolve_agent
 from dreamenv.worldmodel import WorldModel, package_version
 
 AGENT_FORMAT = "dreamenv-agent"
@@ -41,9 +42,10 @@ def check_agent_bundle(meta: dict[str, Any], world_model: WorldModel, where: str
         )
 
 
-def load_agent(path: str | Path, algo: str | None = None, world_model: WorldModel | None = None) -> Any:
-    """The policy of a `dreamenv train-agent` directory (predict(obs, deterministic=True)), checked against
-    `world_model` when given."""
+def load_agent(agent: str | Path, algo: str | None = None, world_model: WorldModel | None = None) -> Any:
+    """The policy of a `dreamenv train-agent` directory or a shipped agent's name (predict(obs, deterministic=True)),
+    checked against `world_model` when given."""
+    path = resolve_agent(agent)
     meta = read_agent_info(path)
     if algo not in (None, meta["algo"]):
         raise ValueError(f"{path} holds a {meta['algo']} agent, not {algo}: drop --algo or pass --algo {meta['algo']}")

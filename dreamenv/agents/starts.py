@@ -86,8 +86,7 @@ class StartStates:
     def draw(self, n: int, rng: np.random.Generator) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
         """n random start states (a dream-core state) and the episode step each one is at."""
         if self.bank is None:
-            index = rng.integers(0, self.core.wm.initial_z.shape[0], n)
-            return self.core.initial_state(index), np.zeros(n, np.int64)
+            return self.core.initial_state(self.core.draw_initial(rng, n)), np.zeros(n, np.int64)
         states, steps = self.bank
         rows = rng.integers(0, len(steps), n)
         return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows]

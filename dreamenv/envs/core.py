@@ -17,9 +17,9 @@ class BatchedDreamCore(ABC):
     wm: WorldModel
     noise_dims: tuple[int, int]  # (uniforms, normals) per env and step
 
-    def draw_initial(self, rng: np.random.Generator) -> int:
-        """Index of a random entry of the initial-state bank."""
-        return int(rng.integers(0, self.wm.initial_z.shape[0]))
+    def draw_initial(self, rng: np.random.Generator, n: int = 1) -> np.ndarray:
+        """Indices (int64, (n,)) of n random entries of the initial-state bank."""
+        return rng.integers(0, self.wm.initial_z.shape[0], n)
 
     def draw_noise(self, rng: np.random.Generator, n: int) -> Noise:
         """One step's noise for n dreams drawn from one generator."""

@@ -183,7 +183,7 @@ class BatchOfOneDream:
 
     def reset(self, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         """A batch-of-one initial state, drawn from the bank as the batched core draws it."""
-        return self.core.initial_state(np.array([self.core.draw_initial(rng)]))
+        return self.core.initial_state(self.core.draw_initial(rng))
 
     def step(self, state: tuple[torch.Tensor, ...], action: np.ndarray, temperature: float, noise: Noise,
              done_mode: str, done_threshold: float) -> tuple[tuple[torch.Tensor, ...], float, bool]:

@@ -71,7 +71,7 @@ class DreamVectorEnv(VectorEnv):
 
     def _reset_envs(self, envs: np.ndarray) -> None:
         """Fresh episodes for the given env indices: the latent from the bank, recurrent state 0, new noise."""
-        index = np.array([self.core.draw_initial(self._rngs[i]) for i in envs], dtype=np.int64)
+        index = np.array([self.core.draw_initial(self._rngs[i])[0] for i in envs], dtype=np.int64)
         fresh = self.core.initial_state(index)
         with torch.inference_mode():  # the state tensors come from inference-mode steps
             for old, new in zip(self._state, fresh):
