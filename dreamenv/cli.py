@@ -251,9 +251,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_train_agent(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config)
-    if args.start_data and args.algo != "actor-critic":
-        raise ValueError(f"--start-data is where the actor-critic's imagination starts; {args.algo} does not use it "
-                         "(for CMA-ES: dreamenv controller --start-data)")
+    for option, value in (("--start-data", args.start_data), ("--temperature-range", args.temperature_range)):
+        if value and args.algo != "actor-critic":
+            raise ValueError(f"{option} is an actor-critic option here; {args.algo} does not use it "
+                             f"(for CMA-ES: dreamenv controller {option})")
     if args.algo == "cmaes":
         from dreamenv.agents.controller import CMAESConfig, train_controller
 
@@ -267,7 +268,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
         from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
 
         settings = recipe.get("actor_critic", {})
-        overrides = {"batch": args.n_envs, "temperature": args.temperature, "seed": args.seed, "start_data": args.start_data}
+        overrides = {"batch": args.n_envs, "temperature": args.temperature, "seed": args.seed, "start_data": args.start_data,
+                     "temperature_range": args.temperature_range}
         settings.update({k: v for k, v in overrides.items() if v is not None})
         config = ActorCriticConfig.from_dict(settings)
         if args.timesteps is not None:  # imagined steps -> updates of batch x horizon steps each
@@ -543,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=int, help="ppo, sac, actor-critic: dream steps to train on (ppo, sac default 1,000,000)")
     p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
     p.add_argument("--n-envs", type=int, help="ppo, sac, actor-critic: dreams stepped as one batch (default 16 / 4 / 256)")
+    p.add_argument("--temperature-range", type=_floats, metavar="LOW,HIGH",
+                   help="actor-critic: draw each dream's temperature uniformly from LOW..HIGH (overrides --temperature)")
     p.add_argument("--start-data", nargs="+", metavar="DATA",
                    help="actor-critic: rollout store(s) its imagination starts from (default: the bundle's own data, "
                    "which a shipped bundle does not include)")

@@ -213,6 +213,34 @@ def test_real_starts_from_other_data(tiny_discrete: Tiny, tiny_box: Tiny, tmp_pa
     assert "ppo does not use it" in capsys.readouterr().err and not (tmp_path / "ppo").exists()
 
 
+def test_temperature_range_gives_each_dream_its_tau(tiny_discrete: Tiny, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dreamenv.agents import actor_critic
+
+    seen = []
+
+    def recording_core(wm: WorldModel):
+        core = dream_core(wm)
+        step = core.step
+
+        def recorded(state, actions, temperature, *args):
+            seen.append(temperature)
+            return step(state, actions, temperature, *args)
+
+        core.step = recorded
+        return core
+
+    monkeypatch.setattr(actor_critic, "dream_core", recording_core)
+    train_actor_critic(tiny_discrete.bundle, tmp_path / "ac", _small(iterations=3, batch=16, horizon=4, temperature_range=(1.0, 1.3)),
+                       progress=False)
+    taus = torch.stack(seen)
+    assert taus.shape == (12, 16) and taus.min() >= 1.0 and taus.max() <= 1.3
+    assert (taus[0].std() > 0.03) and not torch.equal(taus[0], taus[4])  # per dream, new ones for each update's starts
+    assert json.loads((tmp_path / "ac" / "agent.json").read_text())["temperature"] == [1.0, 1.3]
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        _small(temperature_range=(1.3, 1.0))
+
+
 def test_shipped_agent_by_name(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
-from dreamenv.config import config_from_table
+from dreamenv.config import checked_temperature_range, config_from_table
 from dreamenv.envs.dream import dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
@@ -63,6 +63,7 @@ class ActorCriticConfig:
     real_start_episodes: int = 64  # real episodes followed to build the start bank (ours: DreamerV3 replays its data)
     start_data: list[str] | None = None  # rollout stores of the real starts (None: the bundle's recorded rollouts)
     temperature: float | None = None  # None: the bundle's default
+    temperature_range: tuple[float, float] | None = None  # each dream's tau drawn uniformly from it (overrides temperature)
     done_mode: str = "sample"
     done_threshold: float = 0.5
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
@@ -76,6 +77,7 @@ class ActorCriticConfig:
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got gamma {self.gamma}, lam {self.lam}")
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got min_std {self.min_std}, max_std {self.max_std}")
+        self.temperature_range = checked_temperature_range(self.temperature_range)
         if self.start_data and self.real_starts is False:
             raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")
 
@@ -265,27 +267,35 @@ def train_actor_critic(
     state = load_checkpoint(out / "train", model, optimizer) or {"iteration": 0, "return_range": 0.0, "history": []}
     source = str(resolve_bundle(bundle)) if Path(bundle).exists() else str(bundle)  # shipped names stay names
     rng = np.random.default_rng([config.seed, state["iteration"]])
-    dream, elapsed = None, np.zeros(config.batch, np.int64)
+    dream, elapsed, tau = None, np.zeros(config.batch, np.int64), None
+
+    def draw_tau(n: int) -> np.ndarray | None:
+        """Each new dream's temperature, with a temperature_range (World Models' randomised tau)."""
+        return rng.uniform(*config.temperature_range, n).astype(np.float32) if config.temperature_range else None
+
     episode_return, finished = np.zeros(config.batch), []
     start_info = {"starts": "initial"} if bank is None else {"starts": "real", "real_start_states": len(bank[1])}
 
     def save() -> None:
         save_checkpoint(out / "train", model, optimizer, state)
         ActorCriticPolicy(model.actor, head).save(out)
-        write_agent_info(out, "actor-critic", wm, source, {"temperature": temperature, "iterations": state["iteration"],
+        trained_tau = list(config.temperature_range) if config.temperature_range else temperature
+        write_agent_info(out, "actor-critic", wm, source, {"temperature": trained_tau, "iterations": state["iteration"],
                                                             **start_info, "config": asdict(config), "history": state["history"]})
 
     bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
-               desc=f"actor-critic in the dream, tau={temperature:g}", disable=not progress)
+               desc=f"actor-critic in the dream, tau={config.temperature_range or temperature}", disable=not progress)
     while state["iteration"] < config.iterations:
         if dream is None or bank is not None:  # with real starts, every update imagines from fresh ones (DreamerV3)
             dream, elapsed = starts.draw(config.batch, rng)
+            tau = draw_tau(config.batch)
         steps = {"obs": [], "actions": [], "rewards": [], "terminated": [], "ended": [], "successors": []}
         for _ in range(config.horizon):  # imagine with the current actor
             obs = core.latent_obs(dream)
             with torch.no_grad():
                 actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
-            dream, rewards, terminated = core.step(dream, wm.encode_actions(head.to_env(actions)), temperature,
+            dream, rewards, terminated = core.step(dream, wm.encode_actions(head.to_env(actions)),
+                                                   temperature if tau is None else torch.from_numpy(tau),
                                                    core.draw_noise(rng, config.batch), config.done_mode, config.done_threshold)
             elapsed += 1
             ended = terminated | (elapsed >= wm.max_episode_steps)
@@ -293,6 +303,8 @@ def train_actor_critic(
             if ended.any():  # ended dreams restart at once (their last observation is in successors)
                 rows = np.flatnonzero(ended)
                 fresh, elapsed[rows] = starts.draw(len(rows), rng)
+                if tau is not None:
+                    tau[rows] = draw_tau(len(rows))
                 with torch.inference_mode():  # the state tensors come from inference-mode steps
                     for old, new in zip(dream, fresh):
                         old[torch.from_numpy(rows)] = new

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from dreamenv.agents.starts import StartStates, real_start_bank
+from dreamenv.config import checked_temperature_range
 from dreamenv.envs.dream import DONE_MODES, dream_core
 from dreamenv.envs.real import latent_filter
 from dreamenv.envs.spaces import latent_dim
@@ -236,10 +237,7 @@ class CMAESConfig:
             raise ValueError("start_data is where real starts come from: set real_starts = true (--real-starts) or drop it")
         if self.obs_mode not in ("latent", "latent_cell"):
             raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for a linear controller, got {self.obs_mode!r}")
-        if self.temperature_range is not None:
-            self.temperature_range = tuple(float(t) for t in self.temperature_range)
-            if len(self.temperature_range) != 2 or not 0 < self.temperature_range[0] <= self.temperature_range[1]:
-                raise ValueError(f"temperature_range must be (low, high) with 0 < low <= high, got {self.temperature_range}")
+        self.temperature_range = checked_temperature_range(self.temperature_range)
 
 
 def train_controller(
