@@ -12,6 +12,7 @@ import torch
 import dreamenv
 from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, lambda_returns, mlp,
                                           train_actor_critic)
+from dreamenv.agents.controller import LinearController
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
 from dreamenv.cli import main
@@ -286,3 +287,21 @@ def test_train_agent_actor_critic_resumes_and_scores(tiny_discrete: Tiny, tiny_b
     capsys.readouterr()
     assert main(["compare", str(tiny_box.bundle), "--policy", str(box), "--episodes", "2", "--backend", "serial"]) == 0
     assert f"policy {box}" in capsys.readouterr().out
+
+
+def test_shipped_takecover_agent_acts_in_its_envs() -> None:
+    shipped = Path(dreamenv.__file__).parent / "checkpoints" / "VizdoomTakeCover" / "agent"
+    assert sorted(p.name for p in shipped.iterdir()) == ["actor_critic.safetensors", "agent.json"]  # weights + JSON, no pickle
+    policy = dreamenv.load_agent("VizdoomTakeCover", bundle="VizdoomTakeCover")  # raises unless trained on the shipped bundle
+    assert isinstance(policy, ActorCriticPolicy)
+    assert policy.info["trained_in"] == "dream" and policy.info["starts"] == "real" and policy.info["config"]["start_data"]
+    env = gym.make("Dream-VizdoomTakeCover-v0", temperature=1.0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(50):
+        action, _ = policy.predict(obs, deterministic=True)
+        assert env.action_space.contains(action)
+        obs, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    assert isinstance(load_policy("VizdoomTakeCover", algo="actor-critic"), ActorCriticPolicy)
+    assert isinstance(load_policy("VizdoomTakeCover"), LinearController)  # the name alone is still the controller
