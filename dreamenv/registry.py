@@ -24,46 +24,41 @@ def env_name(env_id: str) -> str:
     return re.sub(r"-v\d+$", "", env_id.split("/")[-1])
 
 
+def _path_or_shipped(item: str | Path, part: str, marker: str) -> tuple[Path | None, str]:
+    """`item` as an existing path, or else checkpoints/<item>/<part> when it holds `marker`; and the names shipped
+    with such a part, for the error when it is neither."""
+    path = Path(item).expanduser()
+    if path.exists():
+        return path.resolve(), ""
+    shipped = CHECKPOINTS / str(item) / part
+    if (shipped / marker).is_file():
+        return shipped, ""
+    return None, ", ".join(n for n in shipped_names() if (CHECKPOINTS / n / part / marker).is_file()) or "none"
+
+
 def resolve_bundle(bundle: str | Path) -> Path:
     """A bundle directory, or the shipped bundle of that name; BundleError when it is neither."""
-    path = Path(bundle).expanduser()
-    if path.exists():
-        return path.resolve()
-    shipped = CHECKPOINTS / str(bundle) / "bundle"
-    if (shipped / "manifest.json").is_file():
-        return shipped
-    raise BundleError(
-        f"{bundle!r} is neither a bundle directory nor a shipped bundle name "
-        f"(shipped: {', '.join(shipped_names()) or 'none'})."
-    )
+    path, shipped = _path_or_shipped(bundle, "bundle", "manifest.json")
+    if path is None:
+        raise BundleError(f"{bundle!r} is neither a bundle directory nor a shipped bundle name (shipped: {shipped}).")
+    return path
 
 
 def resolve_controller(controller: str | Path) -> Path:
     """A controller directory, or the shipped controller of that name."""
-    path = Path(controller).expanduser()
-    if path.exists():
-        return path.resolve()
-    shipped = CHECKPOINTS / str(controller) / "controller"
-    if shipped.is_dir():
-        return shipped
-    raise FileNotFoundError(
-        f"{controller!r} is neither a controller directory nor a shipped controller name "
-        f"(shipped: {', '.join(n for n in shipped_names() if (CHECKPOINTS / n / 'controller').is_dir()) or 'none'})."
-    )
+    path, shipped = _path_or_shipped(controller, "controller", "controller.json")
+    if path is None:
+        raise FileNotFoundError(f"{controller!r} is neither a controller directory nor a shipped controller name (shipped: {shipped}).")
+    return path
 
 
 def resolve_agent(agent: str | Path) -> Path:
     """A `dreamenv train-agent` directory, or the agent shipped beside the bundle of that name."""
-    path = Path(agent).expanduser()
-    if path.exists():
-        return path.resolve()
-    shipped = CHECKPOINTS / str(agent) / "agent"
-    if (shipped / "agent.json").is_file():
-        return shipped
-    raise FileNotFoundError(
-        f"{agent!r} is neither an agent directory (written by `dreamenv train-agent`) nor a shipped agent name "
-        f"(shipped: {', '.join(n for n in shipped_names() if (CHECKPOINTS / n / 'agent' / 'agent.json').is_file()) or 'none'})."
-    )
+    path, shipped = _path_or_shipped(agent, "agent", "agent.json")
+    if path is None:
+        raise FileNotFoundError(f"{agent!r} is neither an agent directory (written by `dreamenv train-agent`) nor a "
+                                f"shipped agent name (shipped: {shipped}).")
+    return path
 
 
 @functools.lru_cache(maxsize=8)
