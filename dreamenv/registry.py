@@ -24,40 +24,44 @@ def env_name(env_id: str) -> str:
     return re.sub(r"-v\d+$", "", env_id.split("/")[-1])
 
 
-def _path_or_shipped(item: str | Path, part: str, marker: str) -> tuple[Path | None, str]:
-    """`item` as an existing path, or else checkpoints/<item>/<part> when it holds `marker`; and the names shipped
-    with such a part, for the error when it is neither."""
+def _path_or_shipped(item: str | Path, part: str, marker: str) -> Path | None:
+    """`item` as an existing path, or else checkpoints/<item>/<part> when it holds `marker`; None when neither."""
     path = Path(item).expanduser()
     if path.exists():
-        return path.resolve(), ""
+        return path.resolve()
     shipped = CHECKPOINTS / str(item) / part
-    if (shipped / marker).is_file():
-        return shipped, ""
-    return None, ", ".join(n for n in shipped_names() if (CHECKPOINTS / n / part / marker).is_file()) or "none"
+    return shipped if (shipped / marker).is_file() else None
+
+
+def _shipped_with(part: str, marker: str) -> str:
+    """The shipped names that have a <part> holding `marker`, for the error that lists them."""
+    return ", ".join(n for n in shipped_names() if (CHECKPOINTS / n / part / marker).is_file()) or "none"
 
 
 def resolve_bundle(bundle: str | Path) -> Path:
     """A bundle directory, or the shipped bundle of that name; BundleError when it is neither."""
-    path, shipped = _path_or_shipped(bundle, "bundle", "manifest.json")
+    path = _path_or_shipped(bundle, "bundle", "manifest.json")
     if path is None:
-        raise BundleError(f"{bundle!r} is neither a bundle directory nor a shipped bundle name (shipped: {shipped}).")
+        raise BundleError(f"{bundle!r} is neither a bundle directory nor a shipped bundle name "
+                          f"(shipped: {_shipped_with('bundle', 'manifest.json')}).")
     return path
 
 
 def resolve_controller(controller: str | Path) -> Path:
     """A controller directory, or the shipped controller of that name."""
-    path, shipped = _path_or_shipped(controller, "controller", "controller.json")
+    path = _path_or_shipped(controller, "controller", "controller.json")
     if path is None:
-        raise FileNotFoundError(f"{controller!r} is neither a controller directory nor a shipped controller name (shipped: {shipped}).")
+        raise FileNotFoundError(f"{controller!r} is neither a controller directory nor a shipped controller name "
+                                f"(shipped: {_shipped_with('controller', 'controller.json')}).")
     return path
 
 
 def resolve_agent(agent: str | Path) -> Path:
     """A `dreamenv train-agent` directory, or the agent shipped beside the bundle of that name."""
-    path, shipped = _path_or_shipped(agent, "agent", "agent.json")
+    path = _path_or_shipped(agent, "agent", "agent.json")
     if path is None:
         raise FileNotFoundError(f"{agent!r} is neither an agent directory (written by `dreamenv train-agent`) nor a "
-                                f"shipped agent name (shipped: {shipped}).")
+                                f"shipped agent name (shipped: {_shipped_with('agent', 'agent.json')}).")
     return path
 
 
