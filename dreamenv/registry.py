@@ -24,45 +24,32 @@ def env_name(env_id: str) -> str:
     return re.sub(r"-v\d+$", "", env_id.split("/")[-1])
 
 
-def _path_or_shipped(item: str | Path, part: str, marker: str) -> Path | None:
-    """`item` as an existing path, or else checkpoints/<item>/<part> when it holds `marker`; None when neither."""
+def _resolve(item: str | Path, part: str, marker: str, directory: str, error: type[Exception] = FileNotFoundError) -> Path:
+    """`item` as an existing path, or else checkpoints/<item>/<part> when it holds `marker`; otherwise `error`,
+    naming `directory` (what a path should be) and the shipped names that have such a part."""
     path = Path(item).expanduser()
     if path.exists():
         return path.resolve()
     shipped = CHECKPOINTS / str(item) / part
-    return shipped if (shipped / marker).is_file() else None
-
-
-def _shipped_with(part: str, marker: str) -> str:
-    """The shipped names that have a <part> holding `marker`, for the error that lists them."""
-    return ", ".join(n for n in shipped_names() if (CHECKPOINTS / n / part / marker).is_file()) or "none"
+    if (shipped / marker).is_file():
+        return shipped
+    names = ", ".join(n for n in shipped_names() if (CHECKPOINTS / n / part / marker).is_file()) or "none"
+    raise error(f"{item!r} is neither {directory} nor a shipped {part} name (shipped: {names}).")
 
 
 def resolve_bundle(bundle: str | Path) -> Path:
     """A bundle directory, or the shipped bundle of that name; BundleError when it is neither."""
-    path = _path_or_shipped(bundle, "bundle", "manifest.json")
-    if path is None:
-        raise BundleError(f"{bundle!r} is neither a bundle directory nor a shipped bundle name "
-                          f"(shipped: {_shipped_with('bundle', 'manifest.json')}).")
-    return path
+    return _resolve(bundle, "bundle", "manifest.json", "a bundle directory", BundleError)
 
 
 def resolve_controller(controller: str | Path) -> Path:
     """A controller directory, or the shipped controller of that name."""
-    path = _path_or_shipped(controller, "controller", "controller.json")
-    if path is None:
-        raise FileNotFoundError(f"{controller!r} is neither a controller directory nor a shipped controller name "
-                                f"(shipped: {_shipped_with('controller', 'controller.json')}).")
-    return path
+    return _resolve(controller, "controller", "controller.json", "a controller directory")
 
 
 def resolve_agent(agent: str | Path) -> Path:
     """A `dreamenv train-agent` directory, or the agent shipped beside the bundle of that name."""
-    path = _path_or_shipped(agent, "agent", "agent.json")
-    if path is None:
-        raise FileNotFoundError(f"{agent!r} is neither an agent directory (written by `dreamenv train-agent`) nor a "
-                                f"shipped agent name (shipped: {_shipped_with('agent', 'agent.json')}).")
-    return path
+    return _resolve(agent, "agent", "agent.json", "an agent directory (written by `dreamenv train-agent`)")
 
 
 @functools.lru_cache(maxsize=8)
