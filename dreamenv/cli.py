@@ -21,7 +21,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     path = collect(args.env_id, args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
                    from_render=args.from_render, seed=args.seed, episodes_per_shard=args.episodes_per_shard,
                    backend=args.backend, compression=args.compression, controller=args.controller,
-                   bundle=args.bundle, crop=parse_crop(args.crop))
+                   bundle=args.bundle, algo=args.algo, crop=parse_crop(args.crop))
     print(f"rollouts: {path}")
 
 
@@ -423,6 +423,8 @@ def cmd_iterate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dreamenv.compare import POLICY_ALGOS
+
     parser = argparse.ArgumentParser(prog="dreamenv", description="Learned world models as Gymnasium envs: collect rollouts, "
                                      "train V + M, train a controller in the dream, score it in reality.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -435,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="random", choices=["random", "brownian", "drive", "road", "controller"],
                    help="random actions, held/brownian random actions, drive (CarRacing: steer randomly, mostly gas), road "
                    "(CarRacing: follow the road with random gain, noise and gas), or --controller")
-    p.add_argument("--controller", help="controller directory or shipped name, with --policy controller")
+    p.add_argument("--controller", help="controller directory or shipped name, with --policy controller (with --algo: "
+                   "an agent's `dreamenv train-agent` directory or shipped name)")
+    p.add_argument("--algo", default="linear", choices=POLICY_ALGOS,
+                   help="what --controller holds: linear (a controller, the default) or the agent's algo")
     p.add_argument("--bundle", help="the controller's bundle (its V and M turn frames into observations)")
     p.add_argument("--from-render", action="store_true", help="record render() frames, for envs with vector observations")
     p.add_argument("--crop", default="env", help="env (the env's rule: CarRacing drops its dashboard), none (the whole "
@@ -512,8 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--plot", help="also write a PNG of virtual and actual score against tau (needs dreamenv[plot])")
     p.set_defaults(func=cmd_evaluate)
-
-    from dreamenv.compare import POLICY_ALGOS
 
     p = sub.add_parser("compare", help="score any agent in the dream and in the real game: paired seeds, bootstrap 95%% CIs")
     p.add_argument("bundle", help="bundle directory or shipped name")

@@ -137,22 +137,28 @@ def load_controller(controller: str | Path, bundle: Any = None) -> LinearControl
 
 @dataclass(frozen=True)
 class ControllerPolicy:
-    """A collection policy factory: the controller acts on frames seen through its bundle's world model, as in RealEnv."""
+    """A collection policy factory: a trained policy acts on frames seen through its bundle's world model, as in RealEnv.
+
+    algo "linear" is a controller; another (actor-critic, ppo, sac) is a `dreamenv train-agent` agent.
+    """
 
     bundle: str
     controller: str
+    algo: str = "linear"
 
     @property
     def name(self) -> str:
-        return f"controller:{self.controller}"
+        return f"{'controller' if self.algo == 'linear' else self.algo}:{self.controller}"
 
     def __call__(self, env: gym.Env) -> Callable[[Any, np.ndarray], Any]:
+        from dreamenv.compare import load_policy
+
         wm = load_world_model(self.bundle)
-        ctrl = load_controller(self.controller, wm)
-        tracker = latent_filter(wm, obs_mode=ctrl.obs_mode)
+        policy = load_policy(self.controller, self.algo, wm)
+        tracker = latent_filter(wm, obs_mode=getattr(policy, "obs_mode", "latent"))
 
         def act(obs: Any, frame: np.ndarray) -> Any:
-            action = ctrl.act(tracker.observe(frame[None])[0])
+            action = policy.predict(tracker.observe(frame[None])[0], deterministic=True)[0]
             tracker.advance(np.asarray(action)[None])
             return action
 

@@ -67,6 +67,7 @@ def collect(
     backend: str = "process",
     controller: str | None = None,
     bundle: str | None = None,
+    algo: str = "linear",
     progress: bool = True,
     compression: str = "gzip",
     crop: str | Sequence[int] = "env",
@@ -75,15 +76,16 @@ def collect(
 
     crop: "env" (the env's rule: CarRacing drops its dashboard), "none" (the whole frame) or (top, bottom, left,
     right) pixel bounds. A controller policy sees frames through its bundle's V, so it collects with the bundle's crop.
+    algo says what `controller` is: "linear" (a controller) or a `dreamenv train-agent` agent's algo (actor-critic, ...).
     """
     if episodes < 1 or episodes_per_shard < 1:
         raise ValueError(f"episodes and episodes_per_shard must be >= 1, got {episodes}, {episodes_per_shard}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     compression_kwargs(compression)  # fail early on an unusable codec
-    policy = _resolve_policy(policy, controller, bundle)
+    policy = _resolve_policy(policy, controller, bundle, algo)
     policy_name = _policy_name(policy)
-    crop = _controller_crop(policy, crop) if policy_name.startswith("controller:") else crop
+    crop = _controller_crop(policy, crop) if hasattr(policy, "bundle") else crop  # a policy that sees through a bundle
     crop = crop if isinstance(crop, str) else tuple(crop)
     frame_spec, action_space = _probe_env(env_id, from_render, crop)
     out = Path(out)
@@ -169,16 +171,21 @@ def _probe_env(env_id: str, from_render: bool, crop: str | tuple[int, ...]) -> t
         env.close()
 
 
-def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle: str | None) -> str | PolicyFactory:
-    """'controller' becomes a ControllerPolicy (the controller seeing frames through its bundle's V and M)."""
+def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle: str | None, algo: str) -> str | PolicyFactory:
+    """'controller' becomes a ControllerPolicy (the controller, or the agent of `algo`, seeing frames through its
+    bundle's V and M)."""
     if policy != "controller":
         return policy
     if not controller or not bundle:
         raise ValueError("policy 'controller' needs a controller and its bundle: --controller DIR --bundle BUNDLE")
     from dreamenv.agents.controller import ControllerPolicy
-    from dreamenv.registry import resolve_bundle, resolve_controller
+    from dreamenv.compare import POLICY_ALGOS
+    from dreamenv.registry import resolve_agent, resolve_bundle, resolve_controller
 
-    return ControllerPolicy(str(resolve_bundle(bundle)), str(resolve_controller(controller)))
+    if algo not in POLICY_ALGOS:
+        raise ValueError(f"unknown algo {algo!r}: one of {', '.join(POLICY_ALGOS)}")
+    resolve = resolve_controller if algo == "linear" else resolve_agent
+    return ControllerPolicy(str(resolve_bundle(bundle)), str(resolve(controller)), algo)
 
 
 def _controller_crop(policy: Any, crop: str | Sequence[int]) -> str | Sequence[int]:
