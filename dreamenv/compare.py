@@ -53,6 +53,9 @@ def load_policy(policy: str | Path, algo: str | None = None, bundle: Any = None)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         return load_sb3_zip(path, algo)
+    if algo not in (None, "linear"):
+        raise ValueError(f"{path} is not a `dreamenv train-agent` directory (it has no {AGENT_FILE}), so it holds no "
+                         f"{algo} agent: for a controller drop --algo or pass --algo linear")
     controller = LinearController.load(resolve_controller(policy))
     if world_model is not None:
         controller.check_bundle(world_model)

@@ -305,3 +305,29 @@ def test_shipped_takecover_agent_acts_in_its_envs() -> None:
             obs, _ = env.reset()
     assert isinstance(load_policy("VizdoomTakeCover", algo="actor-critic"), ActorCriticPolicy)
     assert isinstance(load_policy("VizdoomTakeCover"), LinearController)  # the name alone is still the controller
+
+
+def test_collect_with_an_actor_critic_agent(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    from dreamenv.data.collect import collect
+    from dreamenv.envs.real import RealEnv
+    from tests.tiny_envs import MODULE
+
+    policy = train_actor_critic(tiny_discrete.bundle, tmp_path / "ac", _small(iterations=1, batch=8), progress=False)
+    env_id = f"{MODULE}:{tiny_discrete.env_id}"
+    out = collect(env_id, tmp_path / "ac.h5", 2, policy="controller", controller=str(tmp_path / "ac"),
+                  bundle=str(tiny_discrete.bundle), algo="actor-critic", seed=7, backend="serial", progress=False)
+    with open_rollouts(out) as rollouts:
+        start, end = rollouts.episode_bounds()[0]
+        first = rollouts.load_arrays()["actions"][start:end]
+    real = RealEnv(tiny_discrete.bundle)  # the agent acting in Real-*: the same actions on the same seed
+    obs, _ = real.reset(seed=7)
+    played, ended = [], False
+    while not ended:
+        action, _ = policy.predict(obs, deterministic=True)
+        played.append(int(action))
+        obs, _, terminated, truncated, _ = real.step(action)
+        ended = terminated or truncated
+    np.testing.assert_array_equal(first, played)
+    with pytest.raises(ValueError, match="not a `dreamenv train-agent` directory.*holds no actor-critic agent"):
+        collect(env_id, tmp_path / "x.h5", 1, policy="controller", controller=str(tiny_discrete.controller),
+                bundle=str(tiny_discrete.bundle), algo="actor-critic", progress=False)

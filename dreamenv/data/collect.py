@@ -179,13 +179,13 @@ def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle:
     if not controller or not bundle:
         raise ValueError("policy 'controller' needs a controller and its bundle: --controller DIR --bundle BUNDLE")
     from dreamenv.agents.controller import ControllerPolicy
-    from dreamenv.compare import POLICY_ALGOS
+    from dreamenv.compare import load_policy
     from dreamenv.registry import resolve_agent, resolve_bundle, resolve_controller
 
-    if algo not in POLICY_ALGOS:
-        raise ValueError(f"unknown algo {algo!r}: one of {', '.join(POLICY_ALGOS)}")
+    bundle_dir = resolve_bundle(bundle)
+    load_policy(controller, algo, bundle_dir)  # fail here, not in a worker: unknown algo, wrong kind or bundle
     resolve = resolve_controller if algo == "linear" else resolve_agent
-    return ControllerPolicy(str(resolve_bundle(bundle)), str(resolve(controller)), algo)
+    return ControllerPolicy(str(bundle_dir), str(resolve(controller)), algo)
 
 
 def _controller_crop(policy: Any, crop: str | Sequence[int]) -> str | Sequence[int]:
