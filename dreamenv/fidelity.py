@@ -56,10 +56,13 @@ class Episode:
     terminated: np.ndarray
 
 
-def trained_episodes(world_model: WorldModel, name: str) -> set[tuple[str, int]]:
-    """The (store, episode) keys the bundle's dynamics model trained on, from its recorded stores and split."""
+def trained_episodes(world_model: WorldModel, name: str, data: Sequence[str | Path]) -> set[tuple[str, int]]:
+    """The (store, episode) keys of `data` the bundle's dynamics model trained on, from its recorded stores and split;
+    none when `data` holds none of those stores (then they need not be readable: a shipped bundle's are not)."""
     stores = world_model.info.get("data", {}).get("rollouts", [])
     recipe = world_model.info.get("recipe", {})
+    if stores and not {Path(s).resolve() for s in stores} & {Path(d).resolve() for d in data}:
+        return set()
     if not stores or "seed" not in recipe:
         raise ValueError(f"{name} does not record its training stores and split: pass --all-episodes to score every episode")
     keys = []
@@ -205,7 +208,7 @@ def fidelity(bundles: Sequence[str | Path], data: Sequence[str | Path], config: 
         if (wm.env_id, wm.frame_spec, wm.action_space) != (env_id, frame_spec, space):
             raise ValueError(f"{name} is a world model of {wm.env_id} ({wm.frame_spec}, {wm.action_space}); {data[0]} holds "
                              f"{env_id} rollouts ({frame_spec}, {space}): compare bundles on rollouts of their env")
-    exclude = set() if config.all_episodes else set().union(*(trained_episodes(wm, n) for wm, n in zip(models, names)))
+    exclude = set() if config.all_episodes else set().union(*(trained_episodes(wm, n, data) for wm, n in zip(models, names)))
     episodes = load_episodes(data, exclude, config.max_episodes)
     if not episodes:
         raise ValueError("every episode of the data was used to train one of the bundles: collect fresh episodes "

@@ -611,8 +611,11 @@ def test_fidelity_scores_held_out_episodes(rssm_discrete: TinyRSSM, tmp_path: Pa
     config = FidelityConfig(horizon=6, stride=2, temperature=0.0)
     result = fidelity([mdn, rssm_discrete.bundle], [rollouts], config, progress=False)
     wm = WorldModel.load(rssm_discrete.bundle)
-    trained = trained_episodes(wm, "rssm")
-    assert trained == trained_episodes(WorldModel.load(mdn), "mdn")  # same stores, seed and split
+    trained = trained_episodes(wm, "rssm", [rollouts])
+    assert trained == trained_episodes(WorldModel.load(mdn), "mdn", [rollouts])  # same stores, seed and split
+    gone = tmp_path / "gone.h5"
+    wm.info["data"]["rollouts"] = [str(gone)]  # as a shipped bundle: its stores are elsewhere, none is scored here
+    assert trained_episodes(wm, "shipped", [rollouts]) == set()
     held = sorted(i for _, i in {(str(rollouts.resolve()), i) for i in range(12)} - trained)
     assert result["episodes"] == len(held) == 1
     a, b = result["bundles"]
@@ -668,9 +671,9 @@ def test_fidelity_bad_input(rssm_discrete: TinyRSSM, rssm_box: TinyRSSM, tmp_pat
         fidelity([rssm_discrete.bundle, rssm_box.bundle], [rssm_discrete.base.rollouts], progress=False)
     copy = Path(shutil.copytree(rssm_discrete.bundle, tmp_path / "b"))
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["info"]["data"]["rollouts"] = [str(tmp_path / "gone.h5")]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="gone.h5.*--all-episodes"):
+    manifest["info"]["data"]["rollouts"] = [str(tmp_path / "gone.h5"), str(rssm_discrete.base.rollouts)]
+    (copy / "manifest.json").write_text(json.dumps(manifest))  # the split over both cannot be redrawn without gone.h5
+    with pytest.raises(ValueError, match="trained on .*gone.h5, which cannot be read here.*--all-episodes"):
         fidelity([copy, rssm_discrete.bundle], [rssm_discrete.base.rollouts], progress=False)
     with pytest.raises(ValueError, match="horizon"):
         FidelityConfig(horizon=0)
