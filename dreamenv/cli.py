@@ -219,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if args.temperatures:
             raise ValueError("with several controllers each is scored at its own training temperature: drop --temperatures")
         wm = load_world_model(args.bundle)
-        controllers = {trained_temperature(load_controller(c, wm), wm.default_temperature): c for c in args.controller}
+        controllers = {trained_temperature(load_controller(c, wm).info, wm.default_temperature): c for c in args.controller}
         if len(controllers) != len(args.controller):
             raise ValueError("two controllers were trained at the same temperature: give one per temperature")
         result = temperature_table(args.bundle, controllers, episodes=args.episodes, seed=args.seed, backend=args.backend,
@@ -250,39 +250,24 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_train_agent(args: argparse.Namespace) -> None:
+    from dreamenv.agents.train import ALGO_TABLES, train_agent
+
     recipe = load_recipe(args.config)
     for option, value in (("--start-data", args.start_data), ("--temperature-range", args.temperature_range)):
         if value and args.algo != "actor-critic":
             raise ValueError(f"{option} is an actor-critic option here; {args.algo} does not use it "
                              f"(for CMA-ES: dreamenv controller {option})")
+    overrides = {"temperature": args.temperature, "seed": args.seed}
     if args.algo == "cmaes":
-        from dreamenv.agents.controller import CMAESConfig, train_controller
-
         if args.timesteps is not None or args.n_envs is not None:
             raise ValueError("--timesteps and --n-envs are PPO, SAC and actor-critic options: CMA-ES takes its budget from "
                              "the --config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
-        settings = recipe.get("controller", {})
-        settings.update({k: v for k, v in {"temperature": args.temperature, "seed": args.seed}.items() if v is not None})
-        train_controller(args.bundle, args.out, CMAESConfig(**settings))
     elif args.algo == "actor-critic":
-        from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
-
-        settings = recipe.get("actor_critic", {})
-        overrides = {"batch": args.n_envs, "temperature": args.temperature, "seed": args.seed, "start_data": args.start_data,
-                     "temperature_range": args.temperature_range}
-        settings.update({k: v for k, v in overrides.items() if v is not None})
-        config = ActorCriticConfig.from_dict(settings)
-        if args.timesteps is not None:  # imagined steps -> updates of batch x horizon steps each
-            config.iterations = -(-args.timesteps // (config.batch * config.horizon))
-        train_actor_critic(args.bundle, args.out, config)
+        overrides.update(batch=args.n_envs, start_data=args.start_data, temperature_range=args.temperature_range)
     else:
-        from dreamenv.agents.sb3 import PPOConfig, SACConfig, train_sb3
-
-        settings = recipe.get(args.algo, {})  # [ppo] or [sac]
-        overrides = {"timesteps": args.timesteps, "n_envs": args.n_envs, "temperature": args.temperature, "seed": args.seed}
-        settings.update({k: v for k, v in overrides.items() if v is not None})
-        config_class = {"ppo": PPOConfig, "sac": SACConfig}[args.algo]
-        train_sb3(args.bundle, args.out, config_class.from_dict(settings))
+        overrides["n_envs"] = args.n_envs
+    settings = {**recipe.get(ALGO_TABLES[args.algo], {}), **{k: v for k, v in overrides.items() if v is not None}}
+    train_agent(args.algo, args.bundle, args.out, settings, args.timesteps)
     print(f"agent: {args.out}  (score it: dreamenv compare {args.bundle} --policy {args.out})")
 
 
@@ -375,8 +360,12 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 def cmd_iterate(args: argparse.Namespace) -> None:
     from dreamenv.agents.controller import CMAESConfig, train_controller
+    from dreamenv.agents.saved import AGENT_FILE, read_agent_info
+    from dreamenv.agents.train import ALGO_TABLES, train_agent
+    from dreamenv.compare import compare
     from dreamenv.data.collect import collect
-    from dreamenv.evaluate import evaluate, format_table
+    from dreamenv.evaluate import evaluate, format_table, trained_temperature
+    from dreamenv.registry import load_world_model
     from dreamenv.train import TrainConfig, train_world_model
     from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
 
@@ -389,18 +378,26 @@ def cmd_iterate(args: argparse.Namespace) -> None:
     if model == "rssm" and fine_tuning:
         raise ValueError(f"[iterate] {', '.join(fine_tuning)}: fine-tuning is MDN-RNN only for now; with an RSSM recipe "
                          "each round retrains the RSSM from scratch on all the data (drop these settings)")
+    if "agent" in settings and "controller" in settings:
+        raise ValueError("[iterate] names a controller and an agent: keep the one whose rounds to run")
     bundle = Path(settings.get("bundle", root / "bundle"))
-    controller = Path(settings.get("controller", root / "controller"))
-    if not (bundle / "manifest.json").is_file() or not (controller / "controller.json").is_file():
-        raise ValueError(f"no bundle {bundle} or controller {controller} yet: run `dreamenv pipeline {args.config}` first")
+    policy = Path(settings["agent"] if "agent" in settings else settings.get("controller", root / "controller"))
+    marker = AGENT_FILE if "agent" in settings else "controller.json"
+    if not (bundle / "manifest.json").is_file() or not (policy / marker).is_file():
+        first = f"dreamenv train-agent {bundle} --out {policy}" if "agent" in settings else f"dreamenv pipeline {args.config}"
+        raise ValueError(f"no bundle {bundle} or {'agent' if 'agent' in settings else 'controller'} {policy} yet: run `{first}` first")
+    algo = read_agent_info(policy)["algo"] if "agent" in settings else "linear"
+    if algo not in ("linear", *ALGO_TABLES):
+        raise ValueError(f"{policy} holds a {algo} agent; iterate retrains a controller, actor-critic, ppo or sac agent")
     stores = [recipe_rollouts(run), *(Path(extra) for extra in settings.get("extra_data", []))]
     controller_settings = {k: v for k, v in recipe.get("controller", {}).items() if k != "temperatures"}
     for number in range(1, args.rounds + 1):
         step = root / f"{settings.get('name', 'round')}{number}"
-        print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {controller}")
+        print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {policy}")
         stores.append(collect(run["env_id"], step / "rollouts.h5", episodes=int(settings.get("episodes", 200)),
                               workers=int(settings.get("workers", 2)), backend=settings.get("backend", "process"), policy="controller",
-                              controller=str(controller), bundle=str(bundle), seed=int(settings.get("seed", 0)) + 10**6 * number))
+                              controller=str(policy), bundle=str(bundle), algo=algo,
+                              seed=int(settings.get("seed", 0)) + 10**6 * number))
         if (step / "bundle" / "manifest.json").is_file():
             print(f"round {number}: bundle exists: not retrained")
         elif model == "rssm":
@@ -413,11 +410,21 @@ def cmd_iterate(args: argparse.Namespace) -> None:
                 config.mdnrnn.epochs = int(settings["mdn_epochs"])
             train_world_model(stores, step / "bundle", config, vae_from=root / "bundle",
                               mdnrnn_from=bundle if settings.get("warm_start", False) else None)
-        bundle, controller = step / "bundle", step / "controller"
-        print(f"round {number}: CMA-ES in the new dream")
-        train_controller(bundle, controller, CMAESConfig(**controller_settings))
+        bundle = step / "bundle"
+        if algo == "linear":
+            policy = step / "controller"
+            print(f"round {number}: CMA-ES in the new dream")
+            train_controller(bundle, policy, CMAESConfig(**controller_settings))
+        else:
+            policy = step / "agent"
+            print(f"round {number}: {algo} in the new dream")
+            train_agent(algo, bundle, policy, recipe.get(ALGO_TABLES[algo], {}))
         if not (step / "results.json").is_file():
-            result = evaluate(bundle, controller, **recipe.get("evaluate", {}))
+            if algo == "linear":
+                result = evaluate(bundle, policy, **recipe.get("evaluate", {}))
+            else:  # at the temperature the agent trained at, unless [evaluate] says
+                tau = trained_temperature(read_agent_info(policy), load_world_model(bundle).default_temperature)
+                result = compare(policy, bundle, **{"temperatures": [tau], **recipe.get("evaluate", {})})
             print(format_table(result))
             (step / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -584,10 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML recipe, e.g. configs/vizdoom_takecover_quick.toml")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller, retrain M (or the "
-                       "RSSM), retrain C")
-    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller, extra_data, "
-                   "name, seed: round k collects from seed + k x 1,000,000; MDN-RNN only: warm_start, mdn_epochs). A recipe "
+    p = sub.add_parser("iterate", help="the paper's iterative procedure: collect with the controller (or an agent), retrain "
+                       "M (or the RSSM), retrain C (or the agent)")
+    p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller or agent (a "
+                   "`dreamenv train-agent` directory, retrained each round from its recipe table such as [actor_critic]), "
+                   "extra_data, name, seed: round k collects from seed + k x 1,000,000; MDN-RNN only: warm_start, mdn_epochs). A recipe "
                    "with `extends = \"other.toml\"` states only what differs from that one")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)

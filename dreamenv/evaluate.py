@@ -13,9 +13,9 @@ from dreamenv.compare import markdown_table as format_table  # noqa: F401  (the 
 from dreamenv.registry import load_world_model, resolve_bundle, resolve_controller
 
 
-def trained_temperature(controller: LinearController, default: float) -> float:
-    """The dream temperature a controller was trained at (the middle of its range if randomised)."""
-    tau = controller.info.get("temperature", default)
+def trained_temperature(info: dict[str, Any], default: float) -> float:
+    """The dream temperature a controller or agent was trained at, from its info (the middle of its range if randomised)."""
+    tau = info.get("temperature", default)
     return float(np.mean(tau))
 
 
@@ -32,7 +32,7 @@ def evaluate(
     """Score a controller in the dream at each temperature (default: its training one) and in the real game."""
     wm = load_world_model(bundle)
     ctrl = load_controller(controller, wm)
-    temperatures = list(temperatures) if temperatures else [trained_temperature(ctrl, wm.default_temperature)]
+    temperatures = list(temperatures) if temperatures else [trained_temperature(ctrl.info, wm.default_temperature)]
     result = compare(controller, bundle, temperatures, episodes, seed, backend, workers, algo="linear", real=real,
                      progress=progress, **trained_done_rule(ctrl))
     result["controller"] = str(resolve_controller(controller))

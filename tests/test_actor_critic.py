@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import gymnasium as gym
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -331,3 +332,36 @@ def test_collect_with_an_actor_critic_agent(tiny_discrete: Tiny, tmp_path: Path)
     with pytest.raises(ValueError, match="not a `dreamenv train-agent` directory.*holds no actor-critic agent"):
         collect(env_id, tmp_path / "x.h5", 1, policy="controller", controller=str(tiny_discrete.controller),
                 bundle=str(tiny_discrete.bundle), algo="actor-critic", progress=False)
+
+
+def test_iterate_with_an_actor_critic_agent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, 6, tables="[actor_critic]\niterations = 2\nbatch = 8\nhorizon = 4\nhidden = 16\nlayers = 1\n")
+    run = tmp_path / "run"
+    assert main(["pipeline", str(recipe)]) == 0
+    assert main(["train-agent", str(run / "bundle"), "--algo", "actor-critic", "--out", str(run / "ac"), "--config", str(recipe)]) == 0
+    (tmp_path / "agent.toml").write_text(f"""extends = "tiny.toml"
+[iterate]
+agent = "{run / 'ac'}"
+episodes = 3
+backend = "serial"
+name = "ac-round"
+""")
+    assert main(["iterate", str(tmp_path / "agent.toml"), "--rounds", "1"]) == 0
+    step = run / "ac-round1"
+    with h5py.File(step / "rollouts.h5", "r") as f:
+        assert f.attrs["policy"] == f"actor-critic:{run / 'ac'}" and f.attrs["num_episodes"] == 3
+    info = json.loads((step / "agent" / "agent.json").read_text())
+    assert info["algo"] == "actor-critic" and info["iterations"] == 2
+    assert info["bundle_fingerprint"] == WorldModel.load(step / "bundle").fingerprint  # trained in the new dream
+    first = json.loads((run / "ac" / "agent.json").read_text())
+    assert info["starts"] == first["starts"] == "real"  # from the bundle's data, which now has the round's episodes too
+    assert info["real_start_states"] > first["real_start_states"]
+    result = json.loads((step / "results.json").read_text())
+    assert result["policy"] == str(step / "agent") and list(result["virtual"]) == ["1"] and result["actual"]["episodes"] == 2
+
+    (tmp_path / "both.toml").write_text(f'extends = "agent.toml"\n[iterate]\ncontroller = "{run / "controller"}"\n')
+    capsys.readouterr()
+    assert main(["iterate", str(tmp_path / "both.toml")]) == 2
+    assert "names a controller and an agent" in capsys.readouterr().err

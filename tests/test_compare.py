@@ -180,7 +180,7 @@ def test_markdown_and_plot(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pyt
 
 def test_evaluate_is_compare_at_the_controllers_training_settings(tiny_discrete: Tiny) -> None:
     ctrl = LinearController.load(tiny_discrete.controller)
-    tau = trained_temperature(ctrl, 1.0)
+    tau = trained_temperature(ctrl.info, 1.0)
     evaluated = evaluate(tiny_discrete.bundle, tiny_discrete.controller, episodes=3, real=False, progress=False)
     compared = dreamenv.compare(ctrl, tiny_discrete.bundle, [tau], episodes=3, real=False, progress=False)
     assert evaluated["virtual"] == compared["virtual"]
