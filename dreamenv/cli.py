@@ -186,7 +186,8 @@ def _done_line(m: dict[str, Any]) -> str:
     """The held-out done-head line of `dreamenv info`."""
     return (f"            done precision {_fmt(m['done_precision'])} recall {_fmt(m['done_recall'])} (threshold 0.5); "
             f"sampled: precision {_fmt(m['done_precision_sampled'])} recall {_fmt(m['done_recall_sampled'])} "
-            f"over {int(m['terminal_steps'])} terminal steps")
+            f"over {int(m['terminal_steps'])} terminal steps; predicted ends per true end "
+            f"{_fmt(m.get('predicted_dones_per_true'))}")
 
 
 def cmd_controller(args: argparse.Namespace) -> None:

@@ -258,6 +258,9 @@ def format_fidelity(result: dict[str, Any]) -> str:
             lines.append(_row(f"done precision / recall, {name} ({kind})",
                               *(f"{_num(b[scope]['done_precision' + suffix], 3)} / {_num(b[scope]['done_recall' + suffix], 3)}"
                                 for b in bundles)))
+    for scope, name in (("done_one_step", "one step"), ("done_open_loop", "open loop")):
+        lines.append(_row(f"predicted ends per true end, {name}",
+                          *(_num(b[scope]["predicted_dones_per_true"], 3) for b in bundles)))
     lines.append(_row("terminal steps", *(str(int(b["done_one_step"]["terminal_steps"])) for b in bundles)))
     lines += ["", "Latent MSE compares each model's dreamed observation with what RealEnv shows at the same step, in that "
               "model's own latent space (not comparable across models); pixel MSE is per pixel value in [0, 1] against "

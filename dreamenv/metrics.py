@@ -34,11 +34,16 @@ class DoneScores:
         self.positives += truth.sum().item()
 
     def metrics(self) -> dict[str, float | None]:
-        """done_precision/recall at threshold 0.5 and their expectations under sampling; None where undefined."""
+        """done_precision/recall at threshold 0.5, their expectations under sampling, and the predicted ends per true end.
+
+        predicted_dones_per_true is the sum of p(done) over all steps divided by the true terminations: 1 when M expects
+        as many ends as happen, below 1 when its dream is safer than the game. None where undefined.
+        """
         return {
             "done_precision": ratio(self.tp, self.tp + self.fp),
             "done_recall": ratio(self.tp, self.tp + self.fn),
             "done_precision_sampled": ratio(self.expected_tp, self.expected_tp + self.expected_fp),
             "done_recall_sampled": ratio(self.expected_tp, self.positives),
+            "predicted_dones_per_true": ratio(self.expected_tp + self.expected_fp, self.positives),
             "terminal_steps": self.positives,
         }

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.data.dataset import EpisodeData, iterate_frame_batches, open_rollouts, sequence_batches, split_episode_ids
 from dreamenv.data.sources import make_source_env
+from dreamenv.metrics import DoneScores
 from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll
 from dreamenv.models.vae import ConvVAE, VAEConfig, frames_to_tensor, vae_loss
 from dreamenv.registry import load_world_model
@@ -181,12 +182,12 @@ def train_mdnrnn(
 
 @torch.inference_mode()
 def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: MDNRNNConfig) -> dict[str, float]:
-    """Held-out z NLL, reward error, done precision/recall (threshold 0.5, and expected under sampling), and how
+    """Held-out z NLL, reward error, done scores (dreamenv.metrics.DoneScores), and how
     well the reward head's teacher-forced episode returns track the real ones (Pearson r, mean abs. error)."""
     if not episodes:
         return {}
     nll_sum = nll_n = rew_sq = rew_abs = steps = 0.0
-    tp = fp = fn = exp_tp = exp_fp = positives = 0.0
+    done = DoneScores()
     real_returns: list[float] = []
     predicted_returns: list[float] = []
     whole_episodes = max(len(e.actions) for e in episodes)  # one row per episode, so rows sum to episode returns
@@ -201,27 +202,12 @@ def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: M
         steps += step_mask.sum().item()
         real_returns += (batch["rewards"] * step_mask).sum(1).tolist()
         predicted_returns += (out.reward * step_mask).sum(1).tolist()
-        prob = torch.sigmoid(out.done_logit) * step_mask
-        truth = batch["dones"] * step_mask
-        pred = (prob > 0.5).float()
-        tp += (pred * truth).sum().item()
-        fp += (pred * (1 - truth) * step_mask).sum().item()
-        fn += ((1 - pred) * truth).sum().item()
-        exp_tp += (prob * truth).sum().item()
-        exp_fp += (prob * (1 - truth)).sum().item()
-        positives += truth.sum().item()
-    def ratio(a: float, b: float) -> float | None:  # None (JSON null) where undefined
-        return a / b if b else None
-
+        done.add(torch.sigmoid(out.done_logit), batch["dones"], step_mask)
     return {
         "z_nll": nll_sum / max(nll_n, 1),
         "reward_mse": rew_sq / steps,
         "reward_mae": rew_abs / steps,
-        "done_precision": ratio(tp, tp + fp),
-        "done_recall": ratio(tp, tp + fn),
-        "done_precision_sampled": ratio(exp_tp, exp_tp + exp_fp),
-        "done_recall_sampled": ratio(exp_tp, positives),
-        "terminal_steps": positives,
+        **done.metrics(),
         "return_correlation": return_correlation(real_returns, predicted_returns),
         "return_mae": float(np.mean(np.abs(np.subtract(predicted_returns, real_returns)))),
         "steps": steps,

@@ -173,7 +173,8 @@ def test_training_resumes_mid_run(tiny_discrete: Tiny, tmp_path: Path) -> None:
 
 
 def test_heldout_episode_returns_are_whole_episodes() -> None:
-    """Predicted returns sum the reward head over each whole episode, even past M's training seq_len."""
+    """Predicted returns sum the reward head over each whole episode, even past M's training seq_len; the predicted
+    ends per true end sum p(done) over every held-out step."""
     from dreamenv.data.dataset import EpisodeData
     from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig
     from dreamenv.train import mdnrnn_heldout_metrics
@@ -182,19 +183,23 @@ def test_heldout_episode_returns_are_whole_episodes() -> None:
     rng = np.random.default_rng(0)
     model = MDNRNN(z_dim=3, action_dim=2, hidden_size=8, num_gaussians=2).eval()
     episodes = []
-    for length in (7, 12, 5, 9):
+    for length, ends in ((7, True), (12, False), (5, True), (9, False)):
         mu = rng.normal(size=(length + 1, 3)).astype(np.float32)
+        terminated = np.zeros(length, np.float32)
+        terminated[-1] = ends
         episodes.append(EpisodeData(mu=mu, logvar=np.zeros_like(mu), actions=rng.normal(size=(length, 2)).astype(np.float32),
-                                    rewards=rng.normal(size=length).astype(np.float32), terminated=np.zeros(length, np.float32)))
-    real, predicted = [], []
+                                    rewards=rng.normal(size=length).astype(np.float32), terminated=terminated))
+    real, predicted, done_sum = [], [], 0.0
     with torch.no_grad():
         for e in episodes:
             out, _ = model(torch.from_numpy(e.mu[None, :-1]), torch.from_numpy(e.actions[None]))
             real.append(float(e.rewards.sum()))
             predicted.append(float(out.reward.sum()))
+            done_sum += float(torch.sigmoid(out.done_logit).sum())
     m = mdnrnn_heldout_metrics(model, episodes, MDNRNNConfig(hidden_size=8, num_gaussians=2, seq_len=4))
     assert m["return_mae"] == pytest.approx(np.mean(np.abs(np.subtract(predicted, real))), rel=1e-5)
     assert m["return_correlation"] == pytest.approx(np.corrcoef(real, predicted)[0, 1], rel=1e-5)
+    assert m["terminal_steps"] == 2 and m["predicted_dones_per_true"] == pytest.approx(done_sum / 2, rel=1e-5)
 
 
 def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_path: Path) -> None:
