@@ -198,7 +198,8 @@ def cmd_controller(args: argparse.Namespace) -> None:
                  "temperature": args.temperature, "seed": args.seed, "max_steps": args.max_steps,
                  "temperature_range": args.temperature_range, "done_mode": args.done_mode, "done_threshold": args.done_threshold,
                  "obs_mode": args.obs_mode, "real_starts": (args.real_starts or bool(args.start_data)) or None,
-                 "real_start_episodes": args.real_start_episodes, "start_data": args.start_data}
+                 "real_start_episodes": args.real_start_episodes, "start_data": args.start_data,
+                 "init_from": args.init_from, "sigma0": args.sigma0}
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     controller = train_controller(args.bundle, args.out, CMAESConfig(**recipe))
     last = controller.info["history"][-1] if controller.info["history"] else {}
@@ -413,9 +414,10 @@ def cmd_iterate(args: argparse.Namespace) -> None:
                               mdnrnn_from=bundle if settings.get("warm_start", False) else None)
         bundle = step / "bundle"
         if algo == "linear":
+            start = {"init_from": str(policy)} if settings.get("controller_warm_start", False) else {}
             policy = step / "controller"
-            print(f"round {number}: CMA-ES in the new dream")
-            train_controller(bundle, policy, CMAESConfig(**controller_settings))
+            print(f"round {number}: CMA-ES in the new dream" + (f", from {start['init_from']}" if start else ""))
+            train_controller(bundle, policy, CMAESConfig(**{**controller_settings, **start}))
         else:
             policy = step / "agent"
             print(f"round {number}: {algo} in the new dream")
@@ -508,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-start-episodes", type=int, help="real episodes followed for --real-starts (default 64)")
     p.add_argument("--start-data", nargs="+", metavar="DATA",
                    help="rollout store(s) to draw the real starts from (implies --real-starts; default: the bundle's own data)")
+    p.add_argument("--init-from", metavar="CONTROLLER",
+                   help="start CMA-ES from this controller's weights (directory or shipped name; may be of another bundle "
+                   "of the env, e.g. the last round's C in the iterative procedure)")
+    p.add_argument("--sigma0", type=float, help="CMA-ES initial step size (default 0.1)")
     p.add_argument("--seed", type=int, help="CMA-ES seed")
     p.set_defaults(func=cmd_controller)
 
@@ -596,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "M (or the RSSM), retrain C (or the agent)")
     p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller or agent (a "
                    "`dreamenv train-agent` directory, retrained each round from its recipe table such as [actor_critic]), "
-                   "extra_data, name, seed: round k collects from seed + k x 1,000,000; MDN-RNN only: warm_start, mdn_epochs). A recipe "
+                   "extra_data, name, seed: round k collects from seed + k x 1,000,000; controller_warm_start: CMA-ES starts from the last round's C; MDN-RNN only: warm_start, mdn_epochs). A recipe "
                    "with `extends = \"other.toml\"` states only what differs from that one")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)

@@ -9,6 +9,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,10 +46,10 @@ def tiny_train_config():
     )
 
 
-def tiny_cmaes_config(generations: int = 2):
+def tiny_cmaes_config(generations: int = 2, **settings: Any):
     from dreamenv.agents.controller import CMAESConfig
 
-    return CMAESConfig(population=6, rollouts=2, generations=generations, max_steps=30)
+    return CMAESConfig(population=6, rollouts=2, generations=generations, max_steps=30, **settings)
 
 
 @dataclass(frozen=True)

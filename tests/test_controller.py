@@ -119,6 +119,30 @@ def test_controller_of_another_world_model_is_refused(tiny_discrete: Tiny, tiny_
 
 # --- CMA-ES ---------------------------------------------------------------------------------------------------
 
+def test_cmaes_starts_from_a_controller_of_another_bundle(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path) -> None:
+    """init_from: the first mean is a saved controller's (W, b), even one trained on another M of the env."""
+    wm = WorldModel.load(tiny_discrete.bundle)
+    with torch.no_grad():
+        wm.mdnrnn.reward_head.bias.add_(1.0)
+    wm.save(tmp_path / "retrained")
+    source = load_controller(tiny_discrete.controller)
+    config = tiny_cmaes_config(generations=1, sigma0=1e-9, init_from=str(tiny_discrete.controller))
+    warm = train_controller(tmp_path / "retrained", tmp_path / "warm", config, progress=False)
+    assert np.abs(source.weight).max() > 1e-3
+    np.testing.assert_allclose(warm.weight, source.weight, atol=1e-6)
+    np.testing.assert_allclose(warm.bias, source.bias, atol=1e-6)
+    assert warm.info["cmaes"]["init_from"] == str(tiny_discrete.controller)
+    load_controller(tmp_path / "warm", tmp_path / "retrained")  # bound to the bundle it was trained in
+    cold = train_controller(tmp_path / "retrained", tmp_path / "cold", tiny_cmaes_config(generations=1, sigma0=1e-9), progress=False)
+    assert np.abs(cold.weight).max() < 1e-6  # without init_from CMA-ES starts from zero
+
+    with pytest.raises(ValueError, match=f"init_from .*{tiny_box.env_id}.*but CMA-ES here needs {tiny_discrete.env_id}"):
+        train_controller(tiny_discrete.bundle, tmp_path / "x", tiny_cmaes_config(init_from=str(tiny_box.controller)), progress=False)
+    with pytest.raises(ValueError, match="'latent' features.*'latent_cell' features"):
+        train_controller(tiny_discrete.bundle, tmp_path / "y", tiny_cmaes_config(obs_mode="latent_cell",
+                                                                                 init_from=str(tiny_discrete.controller)), progress=False)
+    assert not (tmp_path / "x" / "cmaes.json").exists()
+
 def test_cmaes_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path) -> None:
     """obs_mode "latent_cell": the controller reads [z, c, h], records it, and every tool shows it that observation."""
     config = controller_module.CMAESConfig(**{**vars(tiny_cmaes_config()), "obs_mode": "latent_cell"})

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
+from safetensors.numpy import load_file
 
 import dreamenv
 from dreamenv.envs.dream import DreamEnv
@@ -169,18 +170,24 @@ mdn_epochs = 1
     (tmp_path / "more.toml").write_text(f"""extends = "tiny.toml"
 [controller]
 temperature_range = [1.0, 1.2]
+sigma0 = 1e-9
 [iterate]
 bundle = "{round_bundle}"
 controller = "{tmp_path / 'run' / 'round1' / 'controller'}"
 name = "more"
 seed = 500
+controller_warm_start = true
 """)
     assert main(["iterate", str(tmp_path / "more.toml"), "--rounds", "1"]) == 0
     more = tmp_path / "run" / "more1"
     with h5py.File(more / "rollouts.h5", "r") as f:
         assert f.attrs["seed"] == 500 + 10**6 and f.attrs["policy"].startswith("controller:")
     assert json.loads((more / "bundle" / "manifest.json").read_text())["info"]["recipe"]["mdnrnn_from"] == str(round_bundle)
-    assert json.loads((more / "controller" / "controller.json").read_text())["info"]["temperature"] == [1.0, 1.2]
+    info = json.loads((more / "controller" / "controller.json").read_text())["info"]
+    assert info["temperature"] == [1.0, 1.2] and info["cmaes"]["init_from"] == str(tmp_path / "run" / "round1" / "controller")
+    last, warm = (load_file(str(d / "controller.safetensors")) for d in (tmp_path / "run" / "round1" / "controller", more / "controller"))
+    assert np.abs(last["weight"]).max() > 1e-3  # CMA-ES from the last round's C, with a step too small to leave it
+    np.testing.assert_allclose(warm["weight"], last["weight"], atol=1e-6)
 
 
 def test_pipeline_one_controller_per_temperature(tmp_path: Path) -> None:

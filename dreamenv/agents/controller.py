@@ -232,6 +232,7 @@ class CMAESConfig:
     real_starts: bool = False  # dreams start from states of the bundle's real episodes (short branches with max_steps)
     real_start_episodes: int = 64  # real episodes followed to build that start bank
     start_data: list[str] | None = None  # rollout stores of the real starts (None: the bundle's recorded rollouts)
+    init_from: str | None = None  # a saved controller whose weights are the first mean (the iterative procedure's C)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -246,10 +247,29 @@ class CMAESConfig:
         self.temperature_range = checked_temperature_range(self.temperature_range)
 
 
+def warm_start_params(controller: str | Path, world_model: WorldModel, obs_mode: str) -> np.ndarray:
+    """The flat (W, b) of a saved controller, to start CMA-ES from in another dream of the same env and shapes.
+
+    Its bundle may differ (a retrained M): only the env, the observation size and the action space must match.
+    """
+    source = load_controller(controller)
+    trained_on = source.info.get("env_id", world_model.env_id)
+    wanted = (world_model.env_id, latent_dim(world_model, obs_mode), obs_mode, world_model.action_space)
+    found = (trained_on, source.obs_dim, source.obs_mode, source.action_space)
+    if found != wanted:
+        raise ValueError(f"init_from {controller}: a controller of {found[0]} on {found[1]} {found[2]!r} features with "
+                         f"actions {found[3]}, but CMA-ES here needs {wanted[0]}, {wanted[1]} {wanted[2]!r} features and "
+                         f"{wanted[3]}: start from a controller of this env and obs_mode, or drop init_from")
+    return np.concatenate([source.weight.ravel(), source.bias.ravel()]).astype(np.float64)
+
+
 def train_controller(
     bundle: Any, out: str | Path, config: CMAESConfig | None = None, progress: bool = True
 ) -> LinearController:
-    """CMA-ES on the linear controller, every candidate x rollout dreamed in one batch; resumes from out/cmaes.json."""
+    """CMA-ES on the linear controller, every candidate x rollout dreamed in one batch; resumes from out/cmaes.json.
+
+    The first mean is zero, or config.init_from's weights (read only when out holds no CMA-ES state yet).
+    """
     config = config or CMAESConfig()
     wm = load_world_model(bundle)
     temperature = wm.default_temperature if config.temperature is None else config.temperature
@@ -262,8 +282,14 @@ def train_controller(
     if state is not None and len(state["mean"]) != dim:
         raise ValueError(f"{state_path} belongs to another controller shape; remove it or choose another --out")
     generation = state["generation"] if state else 0
+    if state:
+        first_mean = state["mean"]
+    elif config.init_from is not None:
+        first_mean = warm_start_params(config.init_from, wm, config.obs_mode)
+    else:
+        first_mean = np.zeros(dim)
     es = cma.CMAEvolutionStrategy(
-        state["mean"] if state else np.zeros(dim), state["sigma"] if state else config.sigma0,
+        first_mean, state["sigma"] if state else config.sigma0,
         {"popsize": config.population, "seed": config.seed + generation + 1, "verbose": -9},
     )
     history = state["history"] if state else []
