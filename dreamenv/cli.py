@@ -21,7 +21,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     path = collect(args.env_id, args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
                    from_render=args.from_render, seed=args.seed, episodes_per_shard=args.episodes_per_shard,
                    backend=args.backend, compression=args.compression, controller=args.controller,
-                   bundle=args.bundle, algo=args.algo, crop=parse_crop(args.crop))
+                   bundle=args.bundle, algo=args.algo, epsilon=args.epsilon, crop=parse_crop(args.crop))
     print(f"rollouts: {path}")
 
 
@@ -398,7 +398,7 @@ def cmd_iterate(args: argparse.Namespace) -> None:
         print(f"round {number}: collect {settings.get('episodes', 200)} episodes with {policy}")
         stores.append(collect(run["env_id"], step / "rollouts.h5", episodes=int(settings.get("episodes", 200)),
                               workers=int(settings.get("workers", 2)), backend=settings.get("backend", "process"), policy="controller",
-                              controller=str(policy), bundle=str(bundle), algo=algo,
+                              controller=str(policy), bundle=str(bundle), algo=algo, epsilon=float(settings.get("epsilon", 0.0)),
                               seed=int(settings.get("seed", 0)) + 10**6 * number))
         if (step / "bundle" / "manifest.json").is_file():
             print(f"round {number}: bundle exists: not retrained")
@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="linear", choices=POLICY_ALGOS,
                    help="what --controller holds: linear (a controller, the default) or the agent's algo")
     p.add_argument("--bundle", help="the controller's bundle (its V and M turn frames into observations)")
+    p.add_argument("--epsilon", type=float, default=0.0,
+                   help="with --policy controller: take a random action with this probability at each step (default 0)")
     p.add_argument("--from-render", action="store_true", help="record render() frames, for envs with vector observations")
     p.add_argument("--crop", default="env", help="env (the env's rule: CarRacing drops its dashboard), none (the whole "
                    "frame) or TOP,BOTTOM,LEFT,RIGHT pixel bounds (default env)")
@@ -602,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "M (or the RSSM), retrain C (or the agent)")
     p.add_argument("config", help="the recipe `dreamenv pipeline` ran ([iterate]: episodes, bundle, controller or agent (a "
                    "`dreamenv train-agent` directory, retrained each round from its recipe table such as [actor_critic]), "
-                   "extra_data, name, seed: round k collects from seed + k x 1,000,000; controller_warm_start: CMA-ES starts from the last round's C; MDN-RNN only: warm_start, mdn_epochs). A recipe "
+                   "extra_data, name, seed: round k collects from seed + k x 1,000,000; epsilon: random-action probability while collecting; controller_warm_start: CMA-ES starts from the last round's C; MDN-RNN only: warm_start, mdn_epochs). A recipe "
                    "with `extends = \"other.toml\"` states only what differs from that one")
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (each resumes where it stopped; default 1)")
     p.set_defaults(func=cmd_iterate)

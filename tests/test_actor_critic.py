@@ -329,6 +329,26 @@ def test_collect_with_an_actor_critic_agent(tiny_discrete: Tiny, tmp_path: Path)
         obs, _, terminated, truncated, _ = real.step(action)
         ended = terminated or truncated
     np.testing.assert_array_equal(first, played)
+
+    # epsilon: a seeded share of random actions, recorded in the store's policy name
+    explored = [collect(env_id, tmp_path / f"eps{k}.h5", 2, policy="controller", controller=str(tmp_path / "ac"),
+                        bundle=str(tiny_discrete.bundle), algo="actor-critic", epsilon=0.5, seed=7, backend="serial",
+                        progress=False) for k in (1, 2)]
+    actions = []
+    for path in explored:
+        with open_rollouts(path) as rollouts:
+            start, end = rollouts.episode_bounds()[0]
+            actions.append(rollouts.load_arrays()["actions"][start:end])
+        with h5py.File(path, "r") as f:
+            assert f.attrs["policy"].endswith(" epsilon=0.5")
+    np.testing.assert_array_equal(actions[0], actions[1])  # the same seed, the same random actions
+    steps = min(len(actions[0]), len(played))
+    assert (actions[0][:steps] != np.asarray(played[:steps])).any()  # some steps left the agent's choice
+    with pytest.raises(ValueError, match=r"epsilon is the probability of a random action: give a value in \[0, 1\]"):
+        collect(env_id, tmp_path / "y.h5", 1, policy="controller", controller=str(tmp_path / "ac"),
+                bundle=str(tiny_discrete.bundle), algo="actor-critic", epsilon=1.5, progress=False)
+    with pytest.raises(ValueError, match="epsilon adds random actions to a trained policy"):
+        collect(env_id, tmp_path / "z.h5", 1, epsilon=0.2, progress=False)
     with pytest.raises(ValueError, match="not a `dreamenv train-agent` directory.*holds no actor-critic agent"):
         collect(env_id, tmp_path / "x.h5", 1, policy="controller", controller=str(tiny_discrete.controller),
                 bundle=str(tiny_discrete.bundle), algo="actor-critic", progress=False)

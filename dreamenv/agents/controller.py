@@ -139,16 +139,24 @@ def load_controller(controller: str | Path, bundle: Any = None) -> LinearControl
 class ControllerPolicy:
     """A collection policy factory: a trained policy acts on frames seen through its bundle's world model, as in RealEnv.
 
-    algo "linear" is a controller; another (actor-critic, ppo, sac) is a `dreamenv train-agent` agent.
+    algo "linear" is a controller; another (actor-critic, ppo, sac) is a `dreamenv train-agent` agent. With epsilon > 0
+    each step takes a random action with that probability instead (drawn from the env's action space, which the
+    collector seeds per episode), so M also sees what the policy's other choices lead to.
     """
 
     bundle: str
     controller: str
     algo: str = "linear"
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon is the probability of a random action: give a value in [0, 1], not {self.epsilon}")
 
     @property
     def name(self) -> str:
-        return f"{'controller' if self.algo == 'linear' else self.algo}:{self.controller}"
+        name = f"{'controller' if self.algo == 'linear' else self.algo}:{self.controller}"
+        return f"{name} epsilon={self.epsilon:g}" if self.epsilon else name
 
     def __call__(self, env: gym.Env) -> Callable[[Any, np.ndarray], Any]:
         from dreamenv.compare import load_policy
@@ -156,9 +164,12 @@ class ControllerPolicy:
         wm = load_world_model(self.bundle)
         policy = load_policy(self.controller, self.algo, wm)
         tracker = latent_filter(wm, obs_mode=getattr(policy, "obs_mode", "latent"))
+        space = env.action_space
 
         def act(obs: Any, frame: np.ndarray) -> Any:
             action = policy.predict(tracker.observe(frame[None])[0], deterministic=True)[0]
+            if self.epsilon and space.np_random.random() < self.epsilon:
+                action = space.sample()
             tracker.advance(np.asarray(action)[None])
             return action
 

@@ -68,6 +68,7 @@ def collect(
     controller: str | None = None,
     bundle: str | None = None,
     algo: str = "linear",
+    epsilon: float = 0.0,
     progress: bool = True,
     compression: str = "gzip",
     crop: str | Sequence[int] = "env",
@@ -77,13 +78,14 @@ def collect(
     crop: "env" (the env's rule: CarRacing drops its dashboard), "none" (the whole frame) or (top, bottom, left,
     right) pixel bounds. A controller policy sees frames through its bundle's V, so it collects with the bundle's crop.
     algo says what `controller` is: "linear" (a controller) or a `dreamenv train-agent` agent's algo (actor-critic, ...).
+    epsilon: with a controller policy, the probability of a random action at each step (exploration around it).
     """
     if episodes < 1 or episodes_per_shard < 1:
         raise ValueError(f"episodes and episodes_per_shard must be >= 1, got {episodes}, {episodes_per_shard}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     compression_kwargs(compression)  # fail early on an unusable codec
-    policy = _resolve_policy(policy, controller, bundle, algo)
+    policy = _resolve_policy(policy, controller, bundle, algo, epsilon)
     policy_name = _policy_name(policy)
     crop = _controller_crop(policy, crop) if hasattr(policy, "bundle") else crop  # a policy that sees through a bundle
     crop = crop if isinstance(crop, str) else tuple(crop)
@@ -171,10 +173,13 @@ def _probe_env(env_id: str, from_render: bool, crop: str | tuple[int, ...]) -> t
         env.close()
 
 
-def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle: str | None, algo: str) -> str | PolicyFactory:
+def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle: str | None, algo: str,
+                    epsilon: float) -> str | PolicyFactory:
     """'controller' becomes a ControllerPolicy (the controller, or the agent of `algo`, seeing frames through its
-    bundle's V and M)."""
+    bundle's V and M, with epsilon-random actions)."""
     if policy != "controller":
+        if epsilon:
+            raise ValueError("epsilon adds random actions to a trained policy: use it with policy 'controller'")
         return policy
     if not controller or not bundle:
         raise ValueError("policy 'controller' needs a controller and its bundle: --controller DIR --bundle BUNDLE")
@@ -185,7 +190,7 @@ def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle:
     bundle_dir = resolve_bundle(bundle)
     load_policy(controller, algo, bundle_dir)  # fail here, not in a worker: unknown algo, wrong kind or bundle
     resolve = resolve_controller if algo == "linear" else resolve_agent
-    return ControllerPolicy(str(bundle_dir), str(resolve(controller)), algo)
+    return ControllerPolicy(str(bundle_dir), str(resolve(controller)), algo, epsilon)
 
 
 def _controller_crop(policy: Any, crop: str | Sequence[int]) -> str | Sequence[int]:
@@ -417,12 +422,12 @@ def _run_episode(env: gym.Env, spec: FrameSpec, policy: str | PolicyFactory, see
 
 
 def _episode_policy(policy: str | PolicyFactory, env: gym.Env, seed: int) -> PolicyFn:
-    """A fresh policy for one episode, seeded from the episode seed."""
+    """A fresh policy for one episode, seeded from the episode seed (the env's action space too, for factories)."""
+    space = env.action_space
+    space.seed(seed)
     if callable(policy):
         return policy(env)
     if policy == "random":
-        space = env.action_space
-        space.seed(seed)
         return lambda obs, frame: space.sample()
     if policy == "brownian":
         return _brownian_policy(env.action_space, np.random.default_rng(seed))
