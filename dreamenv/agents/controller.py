@@ -261,7 +261,7 @@ class CMAESConfig:
 def warm_start_params(controller: str | Path, world_model: WorldModel, obs_mode: str) -> np.ndarray:
     """The flat (W, b) of a saved controller, to start CMA-ES from in another dream of the same env and shapes.
 
-    Its bundle may differ (a retrained M): only the env, the observation size and the action space must match.
+    Its bundle may differ (a retrained M): only the env, the observation size and mode and the action space must match.
     """
     source = load_controller(controller)
     trained_on = source.info.get("env_id", world_model.env_id)
