@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dreamenv
-from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, lambda_returns, mlp,
-                                          train_actor_critic)
+from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, alive_weights, lambda_returns,
+                                          mlp, train_actor_critic)
 from dreamenv.agents.controller import LinearController
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
@@ -26,7 +26,7 @@ from tests.conftest import Tiny
 CAR_RACING_LIKE = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))  # steer, gas, brake
 
 
-def _reference_lambda_returns(rewards, terminated, ended, next_values, gamma, lam):
+def _reference_lambda_returns(rewards, continues, ended, next_values, gamma, lam):
     """The recursion written out per column, in plain Python."""
     horizon, batch = rewards.shape
     returns = np.zeros((horizon, batch))
@@ -34,7 +34,7 @@ def _reference_lambda_returns(rewards, terminated, ended, next_values, gamma, la
         for t in reversed(range(horizon)):
             last = t == horizon - 1 or ended[t, b]
             following = next_values[t, b] if last else returns[t + 1, b]
-            returns[t, b] = rewards[t, b] + gamma * (not terminated[t, b]) * ((1 - lam) * next_values[t, b] + lam * following)
+            returns[t, b] = rewards[t, b] + gamma * continues[t, b] * ((1 - lam) * next_values[t, b] + lam * following)
     return returns
 
 
@@ -43,17 +43,27 @@ def test_lambda_returns() -> None:
     rewards, next_values = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
     ended = rng.random((6, 5)) < 0.25
     terminated = ended & (rng.random((6, 5)) < 0.5)
-    tensors = [torch.as_tensor(a) for a in (rewards, terminated, ended, next_values)]
-    for gamma, lam in [(0.9, 0.95), (0.99, 0.0), (1.0, 1.0)]:
-        np.testing.assert_allclose(lambda_returns(*tensors, gamma, lam).numpy(),
-                                   _reference_lambda_returns(rewards, terminated, ended, next_values, gamma, lam), atol=1e-12)
-    # lam = 0 is one-step TD; lam = 1 without ends is the discounted reward sum plus the discounted last value.
-    one_step = lambda_returns(*tensors, 0.9, 0.0).numpy()
-    np.testing.assert_allclose(one_step, rewards + 0.9 * ~terminated * next_values, atol=1e-12)
+    for continues in (~terminated * 1.0, rng.random((6, 5))):  # sampled ends, or p(continue) ("expected")
+        tensors = [torch.as_tensor(a) for a in (rewards, continues, ended, next_values)]
+        for gamma, lam in [(0.9, 0.95), (0.99, 0.0), (1.0, 1.0)]:
+            np.testing.assert_allclose(lambda_returns(*tensors, gamma, lam).numpy(),
+                                       _reference_lambda_returns(rewards, continues, ended, next_values, gamma, lam), atol=1e-12)
+        # lam = 0 is one-step TD
+        one_step = lambda_returns(*tensors, 0.9, 0.0).numpy()
+        np.testing.assert_allclose(one_step, rewards + 0.9 * continues * next_values, atol=1e-12)
+    # lam = 1 without ends is the discounted reward sum plus the discounted last value.
     never = torch.zeros(6, 5, dtype=torch.bool)
-    full = lambda_returns(tensors[0], never, never, tensors[3], 0.9, 1.0).numpy()
+    full = lambda_returns(tensors[0], torch.ones(6, 5, dtype=torch.float64), never, tensors[3], 0.9, 1.0).numpy()
     discounts = 0.9 ** np.arange(6)
     np.testing.assert_allclose(full[0], discounts @ rewards + 0.9**6 * next_values[-1], atol=1e-12)
+
+
+def test_alive_weights() -> None:
+    continues = torch.tensor([[0.5, 0.9], [0.5, 0.8], [0.5, 0.7], [0.5, 0.6]])
+    ended = torch.tensor([[False, False], [True, False], [False, False], [False, False]])
+    # column 0 restarts after step 1, so step 2 is a first step again; column 1 runs on.
+    np.testing.assert_allclose(alive_weights(continues, ended).numpy(),
+                               [[1.0, 1.0], [0.5, 0.9], [1.0, 0.72], [0.5, 0.504]], rtol=1e-6)
 
 
 def _rigged_bundle(tiny: Tiny, path: Path) -> Path:
@@ -94,6 +104,32 @@ def test_actor_critic_learns_the_rewarded_action(tiny_discrete: Tiny, tmp_path: 
     actions, _ = policy.predict(obs, deterministic=True)
     assert np.mean(actions == 2) > 0.9
     assert policy.predict(obs[0])[0] == actions[0]  # one observation or a batch
+
+
+def _deadly_bundle(tiny: Tiny, path: Path) -> Path:
+    """The rigged Discrete bundle with a constant reward of 1 and a done head that reads the action: p(done) is
+    sigmoid(5 h[0] - 3), about 0.69 after action 2 and 0.001 after the others."""
+    wm = WorldModel.load(_rigged_bundle(tiny, path))
+    m = wm.mdnrnn
+    with torch.no_grad():
+        m.reward_head.weight.zero_()
+        m.reward_head.bias.fill_(1.0)
+        m.done_head.weight[0, 0] = 5.0
+        m.done_head.bias.fill_(-3.0)
+    return wm.save(path)
+
+
+@pytest.mark.parametrize("done_mode", ["sample", "expected"])
+def test_actor_critic_avoids_the_deadly_action(tiny_discrete: Tiny, tmp_path: Path, done_mode: str) -> None:
+    bundle = _deadly_bundle(tiny_discrete, tmp_path / "deadly")
+    policy = train_actor_critic(bundle, tmp_path / "ac", _small(done_mode=done_mode, iterations=100), progress=False)
+    assert json.loads((tmp_path / "ac" / "agent.json").read_text())["config"]["done_mode"] == done_mode
+    obs, _ = dreamenv.make_dream_vec(bundle, 64).reset(seed=1)
+    with torch.no_grad():
+        deadly = policy.head.distribution(policy.actor(torch.from_numpy(obs))).probs[:, 2]
+    assert float(deadly.max()) < 0.05  # the untrained actor's is about a third
+    with pytest.raises(ValueError, match="done_mode"):
+        ActorCriticConfig(done_mode="sometimes")
 
 
 def test_actor_critic_learns_a_box_action(tiny_box: Tiny, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_age
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import checked_temperature_range, config_from_table
-from dreamenv.envs.dream import dream_core
+from dreamenv.envs.dream import DONE_MODES, dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -64,7 +64,7 @@ class ActorCriticConfig:
     start_data: list[str] | None = None  # rollout stores of the real starts (None: the bundle's recorded rollouts)
     temperature: float | None = None  # None: the bundle's default
     temperature_range: tuple[float, float] | None = None  # each dream's tau drawn uniformly from it (overrides temperature)
-    done_mode: str = "sample"
+    done_mode: str = "sample"  # "sample" / "threshold": imagined dreams end as DreamEnv's; "expected": see the module doc
     done_threshold: float = 0.5
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
     seed: int = 0
@@ -77,6 +77,8 @@ class ActorCriticConfig:
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got gamma {self.gamma}, lam {self.lam}")
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got min_std {self.min_std}, max_std {self.max_std}")
+        if self.done_mode not in (*DONE_MODES, "expected"):
+            raise ValueError(f"done_mode must be one of {(*DONE_MODES, 'expected')}, got {self.done_mode!r}")
         self.temperature_range = checked_temperature_range(self.temperature_range)
         if self.start_data and self.real_starts is False:
             raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")
@@ -106,21 +108,30 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def lambda_returns(
-    rewards: torch.Tensor, terminated: torch.Tensor, ended: torch.Tensor, next_values: torch.Tensor, gamma: float, lam: float
+    rewards: torch.Tensor, continues: torch.Tensor, ended: torch.Tensor, next_values: torch.Tensor, gamma: float, lam: float
 ) -> torch.Tensor:
     """TD(lambda) returns of (horizon, batch) imagined steps, computed backwards.
 
-    R_t = r_t + gamma (1 - terminated_t) ((1 - lam) v(s_t+1) + lam R_t+1), where v(s_t+1) is the value of step t's
-    successor and R_t+1 is replaced by v(s_t+1) after the last step and where an episode ended (the next row then
-    belongs to a new episode).
+    R_t = r_t + gamma c_t ((1 - lam) v(s_t+1) + lam R_t+1), where c_t is 0 where step t terminated and 1 where it did
+    not (or M's p(continue)), v(s_t+1) is the value of step t's successor and R_t+1 is replaced by v(s_t+1) after the
+    last step and where an episode ended (the next row then belongs to a new episode).
     """
     returns = torch.empty_like(rewards)
     following = next_values[-1]
     for t in reversed(range(rewards.shape[0])):
         following = torch.where(ended[t], next_values[t], following)
-        following = rewards[t] + gamma * (~terminated[t]).to(rewards.dtype) * ((1 - lam) * next_values[t] + lam * following)
+        following = rewards[t] + gamma * continues[t] * ((1 - lam) * next_values[t] + lam * following)
         returns[t] = following
     return returns
+
+
+def alive_weights(continues: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """(horizon, batch) chance that each imagined step is reached: the product of the p(continue) before it within
+    its episode (1 at the first step and after a restart), DreamerV2's weights of the actor's and critic's losses."""
+    weights = torch.ones_like(continues)
+    for t in range(1, continues.shape[0]):
+        weights[t] = torch.where(ended[t - 1], torch.ones_like(weights[t]), weights[t - 1] * continues[t - 1])
+    return weights
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,8 @@ def train_actor_critic(
     state = load_checkpoint(out / "train", model, optimizer) or {"iteration": 0, "return_range": 0.0, "history": []}
     source = str(resolve_bundle(bundle)) if Path(bundle).exists() else str(bundle)  # shipped names stay names
     rng = np.random.default_rng([config.seed, state["iteration"]])
+    expected = config.done_mode == "expected"
+    step_done_mode = "threshold" if expected else config.done_mode  # with "expected", the step's own draw is unused
     dream, elapsed, tau = None, np.zeros(config.batch, np.int64), None
 
     def draw_tau(n: int) -> np.ndarray | None:
@@ -289,14 +302,19 @@ def train_actor_critic(
         if dream is None or bank is not None:  # with real starts, every update imagines from fresh ones (DreamerV3)
             dream, elapsed = starts.draw(config.batch, rng)
             tau = draw_tau(config.batch)
-        steps = {"obs": [], "actions": [], "rewards": [], "terminated": [], "ended": [], "successors": []}
+        steps = {"obs": [], "actions": [], "rewards": [], "continues": [], "ended": [], "successors": []}
         for _ in range(config.horizon):  # imagine with the current actor
             obs = core.latent_obs(dream)
             with torch.no_grad():
                 actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
             dream, rewards, terminated = core.step(dream, wm.encode_actions(head.to_env(actions)),
                                                    temperature if tau is None else torch.from_numpy(tau),
-                                                   core.draw_noise(rng, config.batch), config.done_mode, config.done_threshold)
+                                                   core.draw_noise(rng, config.batch), step_done_mode, config.done_threshold)
+            if expected:  # the dream runs on; its return is discounted by p(continue) instead
+                continues = torch.from_numpy(1.0 - core.done_probability(dream))
+                terminated = np.zeros(config.batch, bool)
+            else:
+                continues = torch.from_numpy(~terminated).float()
             elapsed += 1
             ended = terminated | (elapsed >= wm.max_episode_steps)
             successors = core.latent_obs(dream)
@@ -308,7 +326,7 @@ def train_actor_critic(
                 with torch.inference_mode():  # the state tensors come from inference-mode steps
                     for old, new in zip(dream, fresh):
                         old[torch.from_numpy(rows)] = new
-            for key, value in zip(steps, (obs, actions, rewards, terminated, ended, successors)):
+            for key, value in zip(steps, (obs, actions, rewards, continues, ended, successors)):
                 steps[key].append(torch.as_tensor(value))
             if bank is None:  # dreams run whole episodes from their first state: their returns are dream scores
                 episode_return += rewards
@@ -317,16 +335,17 @@ def train_actor_critic(
         batch = {key: torch.stack(values) for key, values in steps.items()}
         with torch.no_grad():
             next_values = symexp(model.target_critic(batch["successors"]).squeeze(-1))
-            returns = lambda_returns(batch["rewards"].float(), batch["terminated"], batch["ended"], next_values,
+            returns = lambda_returns(batch["rewards"].float(), batch["continues"], batch["ended"], next_values,
                                      config.gamma, config.lam)
+            weights = alive_weights(batch["continues"], batch["ended"]) if expected else torch.ones_like(returns)
             low, high = torch.quantile(returns.flatten(), torch.tensor([0.05, 0.95]))
             decay = config.return_decay if state["iteration"] else 0.0
             state["return_range"] = decay * state["return_range"] + (1 - decay) * float(high - low)
         critic_out = model.critic(batch["obs"]).squeeze(-1)
         advantage = (returns - symexp(critic_out.detach())) / max(1.0, state["return_range"])
         dist = head.distribution(model.actor(batch["obs"]))
-        actor_loss = -(advantage * dist.log_prob(batch["actions"])).mean() - config.entropy * dist.entropy().mean()
-        critic_loss = (critic_out - symlog(returns)).pow(2).mean()
+        actor_loss = -(weights * (advantage * dist.log_prob(batch["actions"]) + config.entropy * dist.entropy())).mean()
+        critic_loss = (weights * (critic_out - symlog(returns)).pow(2)).mean()
         optimizer.zero_grad()
         (actor_loss + critic_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
