@@ -501,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, help="CMA-ES generations (default 100)")
     p.add_argument("--temperature-range", type=_floats, metavar="LOW,HIGH",
                    help="draw each dream's temperature uniformly from LOW..HIGH (overrides --temperature)")
-    p.add_argument("--done-mode", choices=["sample", "threshold"], help="how M's p(done) ends a dream (default sample)")
+    p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
+                   help="how M's p(done) ends a dream (default sample); expected: no draw, each reward weighted by the "
+                        "chance of being alive")
     p.add_argument("--done-threshold", type=float, help="with --done-mode threshold: end when p(done) exceeds this (default 0.5)")
     p.add_argument("--max-steps", type=int, help="cap on dream episode length (default: the env's limit)")
     p.add_argument("--obs-mode", choices=["latent", "latent_cell"],

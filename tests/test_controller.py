@@ -284,6 +284,22 @@ def test_dream_returns_sum_the_reward_head(tiny_discrete: Tiny) -> None:
     np.testing.assert_allclose(returns, 0.25 * 12)
 
 
+def test_dream_returns_expected_weighs_rewards_by_survival(tiny_discrete: Tiny) -> None:
+    wm = _fixed_done(tiny_discrete, 0.3)
+    with torch.no_grad():  # reward 1 a step
+        wm.mdnrnn.reward_head.weight.zero_()
+        wm.mdnrnn.reward_head.bias.fill_(1.0)
+    policy, _ = _constant_policy(_space(tiny_discrete))
+    # No death is drawn: every dream earns 1 + 0.7 + ... + 0.7^9, the mean return of sampled dreams capped at 10 steps.
+    returns, lengths = dream_returns(wm, policy, 4, 1.0, np.random.default_rng(0), 10, "expected")
+    np.testing.assert_allclose(returns, (1 - 0.7**10) / 0.3, rtol=1e-5)
+    assert lengths.tolist() == [10] * 4
+    # Without a cap, a dream stops once its chance of being alive is below ALIVE_FLOOR (0.7^13 < 0.01 < 0.7^12).
+    returns, lengths = dream_returns(wm, policy, 4, 1.0, np.random.default_rng(0), None, "expected")
+    assert lengths.tolist() == [13] * 4
+    np.testing.assert_allclose(returns, (1 - 0.7**13) / 0.3, rtol=1e-5)
+
+
 def test_dream_returns_per_dream_temperature(tiny_discrete: Tiny) -> None:
     wm = _fixed_done(tiny_discrete, 0.001)  # never ends: every run draws the same noise for the same rows
     policy, _ = _constant_policy(_space(tiny_discrete))
@@ -325,6 +341,7 @@ def test_cmaes_randomised_temperature_and_threshold(tiny_discrete: Tiny, tmp_pat
     assert ctrl.info["temperature"] == [0.8, 1.4] and ctrl.info["cmaes"]["done_mode"] == "threshold"
     with pytest.raises(ValueError, match="done_mode"):
         controller_module.CMAESConfig(done_mode="sometimes")
+    assert controller_module.CMAESConfig(done_mode="expected").done_mode == "expected"
     with pytest.raises(ValueError, match="temperature_range"):
         controller_module.CMAESConfig(temperature_range=(1.5, 1.0))
 

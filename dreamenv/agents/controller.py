@@ -176,6 +176,9 @@ class ControllerPolicy:
         return act
 
 
+ALIVE_FLOOR = 0.01  # done_mode "expected": a dream stops once its chance of being alive is below this
+
+
 def dream_returns(
     world_model: WorldModel,
     policy: Callable[[np.ndarray, np.ndarray], np.ndarray],
@@ -189,6 +192,10 @@ def dream_returns(
     starts: StartStates | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run n dreams as one batch until each terminates or max_steps; returns (returns, lengths).
+
+    done_mode "sample" or "threshold" ends dreams as DreamEnv does. "expected" never draws a death: each step's reward
+    counts times the chance the dream is still alive (the product of M's p(continue) so far), so a return is the
+    sampled dream's expected return given the latents; a dream stops once that chance falls below ALIVE_FLOOR.
 
     policy(obs (m, obs_dim), rows (m,)) -> actions for the rows still running; rows index 0..n-1, so a
     population can give each row its own controller. Finished rows drop out of the batch.
@@ -204,16 +211,22 @@ def dream_returns(
     if per_row_tau and np.shape(temperature) != (n,):
         raise ValueError(f"temperature must be a float or an array of shape ({n},), got shape {np.shape(temperature)}")
     tau = torch.as_tensor(np.asarray(temperature, np.float32)) if per_row_tau else float(temperature)
+    expected = done_mode == "expected"
     rows = np.arange(n)
     returns = np.zeros(n, np.float64)
     lengths = np.zeros(n, np.int64)
+    alive = np.ones(n, np.float64)
     for _ in range(int(limit.max())):
         actions = policy(core.observe(state, obs_mode), rows)
         m = len(rows)
         noise = core.draw_noise(rng, m)
-        state, reward, terminated = core.step(state, world_model.encode_actions(actions), tau, noise, done_mode, done_threshold)
-        returns[rows] += reward
+        state, reward, terminated = core.step(state, world_model.encode_actions(actions), tau, noise,
+                                              "threshold" if expected else done_mode, done_threshold)
+        returns[rows] += reward * alive[rows]
         lengths[rows] += 1
+        if expected:
+            alive[rows] *= 1.0 - core.done_probability(state)
+            terminated = alive[rows] < ALIVE_FLOOR
         terminated = terminated | (lengths[rows] >= limit[rows])
         if terminated.any():
             keep = torch.from_numpy(~terminated)
@@ -236,7 +249,8 @@ class CMAESConfig:
     sigma0: float = 0.1
     temperature: float | None = None  # None: the bundle's default
     temperature_range: tuple[float, float] | None = None  # per-dream tau drawn uniformly from it (overrides temperature)
-    done_mode: str = "sample"  # "sample": Bernoulli of M's p(done); "threshold": done when p(done) > done_threshold
+    done_mode: str = "sample"  # "sample": Bernoulli of M's p(done); "threshold": done when p(done) > done_threshold;
+    # "expected": no draw, rewards weighted by the chance of being alive (dream_returns)
     done_threshold: float = 0.5
     max_steps: int | None = None  # None: the bundle's episode limit
     obs_mode: str = "latent"  # the controller's input: "latent" = [z, h]; "latent_cell" = [z, c, h] (MDN-RNN only)
@@ -247,8 +261,8 @@ class CMAESConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.done_mode not in DONE_MODES:
-            raise ValueError(f"done_mode must be one of {DONE_MODES}, got {self.done_mode!r}")
+        if self.done_mode not in (*DONE_MODES, "expected"):
+            raise ValueError(f"done_mode must be one of {(*DONE_MODES, 'expected')}, got {self.done_mode!r}")
         if self.real_start_episodes < 1:
             raise ValueError(f"real_start_episodes must be >= 1, got {self.real_start_episodes}")
         if self.start_data and not self.real_starts:
