@@ -259,7 +259,10 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
         if value and args.algo != "actor-critic":
             raise ValueError(f"{option} is an actor-critic option here; {args.algo} does not use it "
                              f"(for CMA-ES: dreamenv controller {option})")
-    overrides = {"temperature": args.temperature, "seed": args.seed}
+    if args.done_mode == "expected" and args.algo in ("ppo", "sac"):
+        raise ValueError(f"--done-mode expected is for actor-critic and cmaes; {args.algo} learns from sampled ends "
+                         "(--done-mode sample or threshold)")
+    overrides = {"temperature": args.temperature, "seed": args.seed, "done_mode": args.done_mode}
     if args.algo == "cmaes":
         if args.timesteps is not None or args.n_envs is not None:
             raise ValueError("--timesteps and --n-envs are PPO, SAC and actor-critic options: CMA-ES takes its budget from "
@@ -571,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-data", nargs="+", metavar="DATA",
                    help="actor-critic: rollout store(s) its imagination starts from (default: the bundle's own data, "
                    "which a shipped bundle does not include)")
+    p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
+                   help="how M's p(done) ends a dream (default sample); expected (actor-critic, cmaes): no draw, returns "
+                        "discounted by p(continue)")
     p.add_argument("--seed", type=int, help="training seed")
     p.set_defaults(func=cmd_train_agent)
 

@@ -316,10 +316,14 @@ def test_train_agent_actor_critic_resumes_and_scores(tiny_discrete: Tiny, tiny_b
     assert main(["compare", bundle, "--policy", str(out), "--episodes", "2", "--backend", "serial"]) == 0
     assert f"policy {out}" in capsys.readouterr().out
 
-    box = tmp_path / "box"  # a Box-action bundle trains and scores the same way
+    box = tmp_path / "box"  # a Box-action bundle trains and scores the same way, here on expected ends
     assert main(["train-agent", str(tiny_box.bundle), "--algo", "actor-critic", "--out", str(box), "--config", str(recipe),
-                 "--n-envs", "8", "--timesteps", "40"]) == 0
-    assert json.loads((box / "agent.json").read_text())["starts"] == "real"
+                 "--n-envs", "8", "--timesteps", "40", "--done-mode", "expected"]) == 0
+    box_info = json.loads((box / "agent.json").read_text())
+    assert box_info["starts"] == "real" and box_info["config"]["done_mode"] == "expected"
+    capsys.readouterr()
+    assert main(["train-agent", bundle, "--algo", "ppo", "--out", str(tmp_path / "ppo"), "--done-mode", "expected"]) == 2
+    assert "expected is for actor-critic and cmaes" in capsys.readouterr().err
     assert load_policy(box, bundle=str(tiny_box.bundle)).action_space == WorldModel.load(tiny_box.bundle).action_space
     capsys.readouterr()
     assert main(["compare", str(tiny_box.bundle), "--policy", str(box), "--episodes", "2", "--backend", "serial"]) == 0
