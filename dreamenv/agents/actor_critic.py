@@ -337,7 +337,7 @@ def train_actor_critic(
             next_values = symexp(model.target_critic(batch["successors"]).squeeze(-1))
             returns = lambda_returns(batch["rewards"].float(), batch["continues"], batch["ended"], next_values,
                                      config.gamma, config.lam)
-            weights = alive_weights(batch["continues"], batch["ended"]) if expected else torch.ones_like(returns)
+            weights = alive_weights(batch["continues"], batch["ended"])  # all 1 with sampled ends
             low, high = torch.quantile(returns.flatten(), torch.tensor([0.05, 0.95]))
             decay = config.return_decay if state["iteration"] else 0.0
             state["return_range"] = decay * state["return_range"] + (1 - decay) * float(high - low)
