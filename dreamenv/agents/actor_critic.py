@@ -31,7 +31,7 @@ from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_age
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import checked_temperature_range, config_from_table
-from dreamenv.envs.dream import DONE_MODES, dream_core
+from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -77,8 +77,7 @@ class ActorCriticConfig:
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got gamma {self.gamma}, lam {self.lam}")
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got min_std {self.min_std}, max_std {self.max_std}")
-        if self.done_mode not in (*DONE_MODES, "expected"):
-            raise ValueError(f"done_mode must be one of {(*DONE_MODES, 'expected')}, got {self.done_mode!r}")
+        checked_done_mode(self.done_mode, TRAINING_DONE_MODES)
         self.temperature_range = checked_temperature_range(self.temperature_range)
         if self.start_data and self.real_starts is False:
             raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.config import checked_temperature_range
-from dreamenv.envs.dream import DONE_MODES, dream_core
+from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
 from dreamenv.envs.real import latent_filter
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model, resolve_controller
@@ -261,8 +261,7 @@ class CMAESConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.done_mode not in (*DONE_MODES, "expected"):
-            raise ValueError(f"done_mode must be one of {(*DONE_MODES, 'expected')}, got {self.done_mode!r}")
+        checked_done_mode(self.done_mode, TRAINING_DONE_MODES)
         if self.real_start_episodes < 1:
             raise ValueError(f"real_start_episodes must be >= 1, got {self.real_start_episodes}")
         if self.start_data and not self.real_starts:

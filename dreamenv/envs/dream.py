@@ -19,6 +19,14 @@ from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
 DONE_MODES = ("sample", "threshold")
+TRAINING_DONE_MODES = (*DONE_MODES, "expected")  # training may also weigh rewards by the chance of being alive
+
+
+def checked_done_mode(done_mode: str, modes: tuple[str, ...] = DONE_MODES) -> str:
+    """done_mode itself, or a ValueError naming the modes allowed here."""
+    if done_mode not in modes:
+        raise ValueError(f"done_mode must be one of {modes}, got {done_mode!r}")
+    return done_mode
 
 
 class DreamState(NamedTuple):
@@ -242,8 +250,7 @@ class DreamEnv(gym.Env, EzPickle):
         render_mode: str | None = None,
     ) -> None:
         EzPickle.__init__(self, bundle, temperature, obs_mode, done_mode, done_threshold, render_mode)
-        if done_mode not in DONE_MODES:
-            raise ValueError(f"done_mode must be one of {DONE_MODES}, got {done_mode!r}")
+        checked_done_mode(done_mode)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.world_model = load_world_model(bundle)

@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from dreamenv.envs.dream import DONE_MODES, NoiseBuffer, check_temperature, dream_core
+from dreamenv.envs.dream import NoiseBuffer, check_temperature, checked_done_mode, dream_core
 from dreamenv.envs.spaces import observation_space
 from dreamenv.registry import load_world_model
 
@@ -38,8 +38,7 @@ class DreamVectorEnv(VectorEnv):
         render_mode: str | None = None,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
     ) -> None:
-        if done_mode not in DONE_MODES:
-            raise ValueError(f"done_mode must be one of {DONE_MODES}, got {done_mode!r}")
+        checked_done_mode(done_mode)
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         if self.autoreset_mode == AutoresetMode.DISABLED:
             raise ValueError("DreamVectorEnv supports the NextStep and SameStep autoreset modes")
