@@ -125,13 +125,18 @@ def _mdnrnn_losses(
     return {"loss": total, "nll": nll, "reward_mse": reward, "done_bce": done}
 
 
-def done_pos_weight(episodes: list[EpisodeData], config: MDNRNNConfig) -> float:
-    """Weight of terminal steps in the done loss: the configured one, or #non-terminal / #terminal."""
-    if config.done_pos_weight is not None:
-        return float(config.done_pos_weight)
+def terminal_balance(episodes: list[EpisodeData]) -> float:
+    """#non-terminal / #terminal steps: the weight that makes the rare terminal steps count as much as the rest."""
     steps = sum(len(e.terminated) for e in episodes)
     terminal = sum(float(e.terminated.sum()) for e in episodes)
     return float(max(steps - terminal, 1.0) / max(terminal, 1.0))
+
+
+def done_pos_weight(episodes: list[EpisodeData], config: MDNRNNConfig) -> float:
+    """Weight of terminal steps in the done loss: the configured one, or terminal_balance."""
+    if config.done_pos_weight is not None:
+        return float(config.done_pos_weight)
+    return terminal_balance(episodes)
 
 
 def train_mdnrnn(

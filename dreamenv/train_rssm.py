@@ -21,7 +21,9 @@ from dreamenv.models.rssm import (
     RSSM, RSSMConfig, categorical_kl, mode_one_hot, straight_through_sample, symexp, symlog,
 )
 from dreamenv.models.vae import frames_to_tensor
-from dreamenv.train import CHECKPOINT_SECONDS, data_summary, encode_action_array, load_rollout_data, make_source_env_limit
+from dreamenv.train import (
+    CHECKPOINT_SECONDS, data_summary, encode_action_array, load_rollout_data, make_source_env_limit, terminal_balance,
+)
 from dreamenv.worldmodel import WorldModel
 
 
@@ -89,7 +91,7 @@ def observe_sequences(model: RSSM, frames: torch.Tensor, actions: torch.Tensor, 
 
 def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray, sample: bool = True) -> dict[str, torch.Tensor]:
     """DreamerV3's world-model loss on a sequence batch: image + reward (symlog) + continue (terminal steps weighted by
-    config.terminal_weight) + 0.5 dyn + 0.1 rep KL."""
+    config.terminal_weight, a number here: train_rssm resolves "balanced") + 0.5 dyn + 0.1 rep KL."""
     config = model.config
     x = batch_frames(frames, batch["frame_index"])
     step_mask, next_mask = batch["step_mask"], batch["next_mask"]
@@ -125,9 +127,16 @@ def train_rssm(
     episodes: list[EpisodeData], frames: np.ndarray, config: RSSMConfig, checkpoint_dir: Path, seed: int = 0,
     progress: bool = True,
 ) -> RSSM:
-    """Train the RSSM on episodes (with frame_index into frames), resuming from checkpoint_dir when it holds a run."""
+    """Train the RSSM on episodes (with frame_index into frames), resuming from checkpoint_dir when it holds a run.
+
+    Returns the model with a calibrated continue head: a terminal weight w shifts the trained logits of p(continue)
+    by -log(w), which is undone at the end, as for the MDN-RNN's done head; the checkpoint keeps the trained logits.
+    config.terminal_weight "balanced" is resolved to the episodes' terminal_balance (the model's config holds the number).
+    """
     if not episodes or episodes[0].frame_index is None:
         raise ValueError("train_rssm needs at least one training episode with frame_index set")
+    if config.terminal_weight == "balanced":
+        config = dataclasses.replace(config, terminal_weight=terminal_balance(episodes))
     torch.manual_seed(seed)
     model = RSSM(config, episodes[0].actions.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
@@ -157,6 +166,8 @@ def train_rssm(
         save_checkpoint(checkpoint_dir, model, optimizer, {"epoch": epoch + 1, "batch": 0})
     bar.close()
     model.eval()
+    with torch.no_grad():
+        model.continue_head[-1].bias += math.log(config.terminal_weight)
     return model
 
 

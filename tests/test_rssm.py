@@ -37,7 +37,7 @@ from dreamenv.models.rssm import (
     RSSM, RSSMConfig, categorical_kl, mode_one_hot, sample_categorical, symexp, symlog, unimix_log_probs,
 )
 from dreamenv.models.vae import frames_to_tensor
-from dreamenv.train import encode_action_array, load_rollout_data
+from dreamenv.train import encode_action_array, load_rollout_data, terminal_balance
 from dreamenv.train_rssm import RSSMTrainConfig, rssm_losses, train_rssm, train_rssm_world_model
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
 from tests.conftest import Tiny, tiny_cmaes_config, tiny_recipe
@@ -190,6 +190,28 @@ def test_terminal_weight_scales_the_continue_loss_of_terminal_steps(tiny_discret
     assert torch.isclose(weighted["image"], plain["image"]) and torch.isclose(weighted["reward"], plain["reward"])
 
 
+def test_a_balanced_terminal_weight_leaves_p_continue_calibrated(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """"balanced" weighs the rare terminal steps as much as all others; the trained head is shifted back by log(w), so
+    the mean p(done) over the training steps is near the real rate, where the weighted logits overrate it."""
+    data, actions, episodes = _sequence_episodes(tiny_discrete)
+    weight = terminal_balance(episodes)
+    assert weight > 5  # terminal steps are rare in the tiny rollouts
+    config = dataclasses.replace(tiny_rssm_config(epochs=6), terminal_weight="balanced")
+    model = train_rssm(episodes, data.frames, config, tmp_path / "ckpt", seed=0, progress=False)
+    assert model.config.terminal_weight == pytest.approx(weight)
+    logits, dones, masks = [], [], []
+    with torch.no_grad():
+        for batch in sequence_batches(episodes, config.seq_len, config.batch_size, np.random.default_rng(0)):
+            logits.append(rssm_losses(model, batch, data.frames, sample=False)["continue_logit"].flatten())
+            dones.append(batch["dones"].flatten())
+            masks.append(batch["step_mask"].flatten())
+    logit, done, mask = torch.cat(logits), torch.cat(dones), torch.cat(masks).bool()
+    rate = done[mask].mean().item()
+    calibrated = torch.sigmoid(-logit[mask]).mean().item()
+    weighted = torch.sigmoid(-(logit[mask] - math.log(weight))).mean().item()  # the head as trained, before the shift
+    assert abs(math.log(calibrated / rate)) < math.log(2) < abs(math.log(weighted / rate))
+
+
 # --- the bundle -------------------------------------------------------------------------------------------------
 
 def _outputs(wm: WorldModel) -> list[torch.Tensor]:
@@ -249,7 +271,7 @@ def test_bundle_errors(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
 
 def test_bad_configs_name_the_setting() -> None:
     for bad, field in [({"stoch": 0}, "stoch"), ({"classes": 1}, "classes"), ({"unimix": 1.0}, "unimix"),
-                       ({"free_nats": -1.0}, "free_nats"), ({"terminal_weight": -2.0}, "terminal_weight"), ({"deter": 2.5}, "deter"),
+                       ({"free_nats": -1.0}, "free_nats"), ({"terminal_weight": -2.0}, "terminal_weight"), ({"terminal_weight": "more"}, "terminal_weight"), ({"deter": 2.5}, "deter"),
                        ({"learning_rate": float("nan")}, "learning_rate")]:
         with pytest.raises(ValueError, match=field):
             RSSMConfig(**bad)

@@ -29,7 +29,9 @@ class RSSMConfig:
     free_nats: float = 1.0  # KL below this (per step, summed over latents) is not penalised
     dyn_scale: float = 0.5  # weight of KL[sg(posterior) || prior]: trains the prior
     rep_scale: float = 0.1  # weight of KL[posterior || sg(prior)]: regularises the posterior
-    terminal_weight: float = 1.0  # weight of terminal steps in the continue loss (1 as in DreamerV3; more for rare deaths)
+    # weight of terminal steps in the continue loss: 1 as in DreamerV3; more for rare deaths (the trained head is then
+    # shifted back by log(weight), so p(continue) stays calibrated); "balanced" = #non-terminal / #terminal steps
+    terminal_weight: float | str = 1.0
     seq_len: int = 64
     batch_size: int = 16
     learning_rate: float = 1e-4
@@ -48,10 +50,14 @@ class RSSMConfig:
             raise ValueError(f"RSSMConfig.mlp_layers must be an integer >= 0, got {self.mlp_layers!r}")
         if not 0.0 <= self.unimix < 1.0:
             raise ValueError(f"RSSMConfig.unimix must be in [0, 1), got {self.unimix}")
-        for name in ("free_nats", "dyn_scale", "rep_scale", "terminal_weight", "learning_rate", "adam_eps", "grad_clip"):
+        for name in ("free_nats", "dyn_scale", "rep_scale", "learning_rate", "adam_eps", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"RSSMConfig.{name} must be a finite number >= 0, got {value!r}")
+        weight = self.terminal_weight
+        if weight != "balanced" and (isinstance(weight, (str, bool)) or not isinstance(weight, (int, float))
+                                     or not math.isfinite(weight) or weight <= 0):
+            raise ValueError(f'RSSMConfig.terminal_weight must be a finite number > 0 or "balanced", got {weight!r}')
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RSSMConfig":
