@@ -29,7 +29,7 @@ from dreamenv.cli import main
 from dreamenv.data.preprocess import preprocess_frame
 from dreamenv.data.collect import collect
 from dreamenv.data.dataset import EpisodeData, open_rollouts, sequence_batches
-from dreamenv.envs.dream import DreamEnv
+from dreamenv.envs.dream import DreamEnv, dream_core
 from dreamenv.envs.real import RealEnv
 from dreamenv.envs.vector import DreamVectorEnv
 from dreamenv.fidelity import FidelityConfig, fidelity, plot_fidelity, trained_episodes
@@ -210,6 +210,34 @@ def test_a_balanced_terminal_weight_leaves_p_continue_calibrated(tiny_discrete: 
     calibrated = torch.sigmoid(-logit[mask]).mean().item()
     weighted = torch.sigmoid(-(logit[mask] - math.log(weight))).mean().item()  # the head as trained, before the shift
     assert abs(math.log(calibrated / rate)) < math.log(2) < abs(math.log(weighted / rate))
+
+
+def test_a_continue_head_on_h_alone(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """continue_input "deter": p(continue) reads h only (never the prior z of an episode's last step), trains, and the
+    fused dream step ends episodes by the same head."""
+    config = dataclasses.replace(tiny_rssm_config(epochs=1), continue_input="deter")
+    train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "bundle", RSSMTrainConfig(rssm=config), progress=False)
+    wm = WorldModel.load(tmp_path / "bundle")
+    model = wm.rssm
+    assert model.config.continue_input == "deter"
+    g = torch.Generator().manual_seed(0)
+    deter = torch.randn(6, 16, generator=g)
+    one, other = (F.one_hot(torch.randint(0, 4, (6, 4), generator=g), 4).flatten(1).float() for _ in range(2))
+    logit = model.continue_logit(model.feature(deter, one))
+    torch.testing.assert_close(logit, model.continue_logit(model.feature(deter, other)), rtol=0, atol=0)
+    assert logit.std() > 0  # h matters
+    assert model.reward(model.feature(deter, one)).ne(model.reward(model.feature(deter, other))).any()  # reward reads z
+    core = dream_core(wm)
+    state = core.initial_state(np.arange(6) % len(wm.initial_z))
+    actions = wm.encode_actions(np.asarray(_actions(wm.action_space, 6), dtype=np.int64))
+    noise = core.draw_noise(np.random.default_rng(0), 6)
+    after, _, _ = core.step(state, actions, 1.0, noise, "threshold", 0.5)
+    p_done = core.done_probability(after)
+    for margin, expected in ((-1e-4, True), (1e-4, False)):  # the fused step's p(done) is the head's, per env
+        ends = [core.step(state, actions, 1.0, noise, "threshold", float(p + margin))[2][i] for i, p in enumerate(p_done)]
+        assert all(end == expected for end in ends)
+    with pytest.raises(ValueError, match="continue_input"):
+        RSSMConfig(continue_input="z")
 
 
 # --- the bundle -------------------------------------------------------------------------------------------------

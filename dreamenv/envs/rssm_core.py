@@ -51,7 +51,8 @@ class RSSMDreamCore(BatchedDreamCore):
             img = model.img_in[0].weight  # (hidden, z_dim + action_dim), no bias
             self.img_action = img[:, model.z_dim :].t().contiguous()
             self.img_rows = img[:, : model.z_dim].t().contiguous()
-            first = torch.cat([linear.weight for linear, _ in heads])  # (both heads' widths, deter + z_dim)
+            # (both heads' widths, deter + z_dim); a continue head on h alone reads z through zero weights
+            first = torch.cat([F.pad(linear.weight, (0, model.feat_dim - linear.in_features)) for linear, _ in heads])
             self.head_deter = first[:, : model.deter_dim].t().contiguous()
             self.head_rows = first[:, model.deter_dim :].t().contiguous()
             self.head_bias = torch.cat([linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
@@ -100,7 +101,7 @@ class RSSMDreamCore(BatchedDreamCore):
 
     @torch.inference_mode()
     def done_probability(self, state: RSSMState) -> np.ndarray:
-        """1 - p(continue) (N,) for the step that led to `state` (the continue head reads [h_{t+1}, z_{t+1}])."""
+        """1 - p(continue) (N,) for the step that led to `state` (the continue head reads [h_{t+1}, z_{t+1}] or h_{t+1})."""
         return torch.sigmoid(-self.model.continue_logit(self.model.feature(state.deter, state.stoch))).numpy()
 
     def latent_obs(self, state: RSSMState, cell: bool = False) -> np.ndarray:

@@ -32,6 +32,10 @@ class RSSMConfig:
     # weight of terminal steps in the continue loss: 1 as in DreamerV3; more for rare deaths (the trained head is then
     # shifted back by log(weight), so p(continue) stays calibrated); "balanced" = #non-terminal / #terminal steps
     terminal_weight: float | str = 1.0
+    # what the continue head reads: "feature" = [h, z] as DreamerV3; "deter" = h alone, like the MDN-RNN's done head.
+    # A store has no frame after an episode's last step, so there (and only there) z is the prior's: a head on [h, z]
+    # can learn that difference instead of the danger, and a dream, all prior, then ends too often
+    continue_input: str = "feature"
     seq_len: int = 64
     batch_size: int = 16
     learning_rate: float = 1e-4
@@ -58,6 +62,8 @@ class RSSMConfig:
         if weight != "balanced" and (isinstance(weight, (str, bool)) or not isinstance(weight, (int, float))
                                      or not math.isfinite(weight) or weight <= 0):
             raise ValueError(f'RSSMConfig.terminal_weight must be a finite number > 0 or "balanced", got {weight!r}')
+        if self.continue_input not in ("feature", "deter"):
+            raise ValueError(f'RSSMConfig.continue_input must be "feature" or "deter", got {self.continue_input!r}')
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RSSMConfig":
@@ -200,7 +206,8 @@ class RSSM(nn.Module):
     """Recurrent state-space model. State = (deter h (N, deter), stoch z (N, stoch * classes) one-hot).
 
     Step: h' = GRU(h, [z, a]); prior p(z' | h'); posterior q(z' | h', embed(frame')). Heads read the feature
-    [h, z]: image decoder, reward (in symlog space), continue logit (p(episode goes on)).
+    [h, z]: image decoder, reward (in symlog space), continue logit (p(episode goes on); h alone if
+    config.continue_input is "deter").
     """
 
     def __init__(self, config: RSSMConfig, action_dim: int) -> None:
@@ -220,7 +227,8 @@ class RSSM(nn.Module):
                                            nn.Linear(config.hidden, self.z_dim))
         self.decoder = ImageDecoder(self.feat_dim, config.cnn_depth)
         self.reward_head = head(self.feat_dim, config.hidden, config.mlp_layers, 1)
-        self.continue_head = head(self.feat_dim, config.hidden, config.mlp_layers, 1)
+        continue_dim = config.deter if config.continue_input == "deter" else self.feat_dim
+        self.continue_head = head(continue_dim, config.hidden, config.mlp_layers, 1)
         with torch.no_grad():  # DreamerV3: the reward output starts at zero, so early predictions are not wild
             self.reward_head[-1].weight.zero_()
             self.reward_head[-1].bias.zero_()
@@ -262,5 +270,7 @@ class RSSM(nn.Module):
         return symexp(self.reward_head(feat).squeeze(-1))
 
     def continue_logit(self, feat: torch.Tensor) -> torch.Tensor:
-        """Logit of p(the episode goes on after this step)."""
+        """Logit of p(the episode goes on after this step), from the feature [h, z] (or its h, see continue_input)."""
+        if self.config.continue_input == "deter":
+            feat = feat[..., : self.deter_dim]
         return self.continue_head(feat).squeeze(-1)
