@@ -276,6 +276,13 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     print(f"agent: {args.out}  (score it: dreamenv compare {args.bundle} --policy {args.out})")
 
 
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from dreamenv.agents.ensemble import save_ensemble
+
+    out = save_ensemble(args.out, args.agents)
+    print(f"ensemble of {len(args.agents)} actor-critics: {out}  (score it: dreamenv compare BUNDLE --policy {out})")
+
+
 def cmd_dream(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -579,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "discounted by p(continue)")
     p.add_argument("--seed", type=int, help="training seed")
     p.set_defaults(func=cmd_train_agent)
+
+    p = sub.add_parser("ensemble", help="combine actor-critics trained in one dream into one agent that acts on the "
+                       "mean of their action distributions")
+    p.add_argument("agents", nargs="+", help="actor-critic agent directories (dreamenv train-agent --algo actor-critic)")
+    p.add_argument("--out", required=True, help="agent directory to write (members copied under it)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("dream", help="watch a dream: write a GIF of frames decoded by V")
     p.add_argument("bundle", help="bundle directory or shipped name")

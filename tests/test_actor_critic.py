@@ -14,6 +14,7 @@ import dreamenv
 from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, alive_weights, lambda_returns,
                                           mlp, train_actor_critic)
 from dreamenv.agents.controller import LinearController
+from dreamenv.agents.ensemble import save_ensemble
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
 from dreamenv.cli import main
@@ -425,3 +426,57 @@ name = "ac-round"
     capsys.readouterr()
     assert main(["iterate", str(tmp_path / "both.toml")]) == 2
     assert "names a controller and an agent" in capsys.readouterr().err
+
+
+def _constant_agent(tiny: Tiny, out: Path, outputs: list[float]) -> Path:
+    """An actor-critic agent of the tiny bundle whose actor outputs `outputs` whatever it sees."""
+    wm = WorldModel.load(tiny.bundle)
+    head = ActionHead(wm.action_space)
+    actor = mlp(wm.latent_obs_dim, head.outputs, 8, 1)
+    with torch.no_grad():
+        actor[-1].weight.zero_()
+        actor[-1].bias.copy_(torch.tensor(outputs))
+    out.mkdir(parents=True)
+    ActorCriticPolicy(actor, head).save(out)
+    write_agent_info(out, "actor-critic", wm, str(tiny.bundle), {"config": {"seed": len(outputs)}})
+    return out
+
+
+def test_an_ensemble_acts_on_the_mean_of_its_members(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from dreamenv.agents.ensemble import ActorCriticEnsemble
+
+    # probabilities about (0.6, 0.4, 0) and (0, 0.45, 0.55): each member picks 0 or 2, their mean (0.3, 0.43, 0.28) picks 1
+    first = _constant_agent(tiny_discrete, tmp_path / "a", [np.log(0.6), np.log(0.4), -30.0])
+    second = _constant_agent(tiny_discrete, tmp_path / "b", [-30.0, np.log(0.45), np.log(0.55)])
+    assert main(["ensemble", str(first), str(second), "--out", str(tmp_path / "ens")]) in (None, 0)
+    assert "ensemble of 2 actor-critics" in capsys.readouterr().out
+    ensemble = dreamenv.load_agent(tmp_path / "ens", bundle=tiny_discrete.bundle)
+    assert isinstance(ensemble, ActorCriticEnsemble) and len(ensemble.members) == 2
+    obs, _ = dreamenv.make_dream_vec(tiny_discrete.bundle, 16).reset(seed=0)
+    assert [m.predict(obs)[0][0] for m in ensemble.members] == [0, 2]
+    actions, _ = ensemble.predict(obs)
+    assert np.all(actions == 1) and ensemble.predict(obs[0])[0] == 1
+    torch.manual_seed(0)
+    sampled = np.concatenate([ensemble.predict(obs, deterministic=False)[0] for _ in range(40)])  # 640 draws
+    assert abs(np.mean(sampled == 0) - 0.3) < 0.07 and abs(np.mean(sampled == 2) - 0.28) < 0.07
+    assert isinstance(load_policy(str(tmp_path / "ens"), bundle=tiny_discrete.bundle), ActorCriticEnsemble)
+
+    # Box: the mean of the members' modes
+    low = _constant_agent(tiny_box, tmp_path / "low", [-3.0] * (ActionHead(WorldModel.load(tiny_box.bundle).action_space).outputs))
+    high = _constant_agent(tiny_box, tmp_path / "high", [1.0] * (ActionHead(WorldModel.load(tiny_box.bundle).action_space).outputs))
+    box = dreamenv.load_agent(save_ensemble(tmp_path / "box", [low, high]))
+    obs, _ = dreamenv.make_dream_vec(tiny_box.bundle, 4).reset(seed=0)
+    head = box.head
+    expected = head.to_env(((torch.tanh(torch.tensor(-3.0)) + torch.tanh(torch.tensor(1.0))) / 2).expand(4, head.outputs // 2))
+    np.testing.assert_allclose(box.predict(obs)[0], expected, rtol=1e-6)
+    assert all(box.action_space.contains(a) for a in box.predict(obs, deterministic=False)[0])
+
+    with pytest.raises(ValueError, match="at least 2"):
+        save_ensemble(tmp_path / "one", [first])
+    with pytest.raises(ValueError, match="different bundles"):
+        save_ensemble(tmp_path / "mixed", [first, low])
+    with pytest.raises(ValueError, match="single actor-critics"):
+        save_ensemble(tmp_path / "nested", [tmp_path / "ens", first])
+    with pytest.raises(ValueError, match="another world model"):
+        dreamenv.load_agent(tmp_path / "ens", bundle=tiny_box.bundle)

@@ -51,6 +51,10 @@ def load_agent(agent: str | Path, algo: str | None = None, world_model: WorldMod
         raise ValueError(f"{path} holds a {meta['algo']} agent, not {algo}: drop --algo or pass --algo {meta['algo']}")
     if world_model is not None:
         check_agent_bundle(meta, world_model, path)
+    if meta["algo"] == "actor-critic" and "members" in meta:
+        from dreamenv.agents.ensemble import load_ensemble
+
+        return load_ensemble(path, meta)
     if meta["algo"] == "actor-critic":
         from dreamenv.agents.actor_critic import ActorCriticPolicy
 
