@@ -1,7 +1,7 @@
 """Several actor-critics trained in the same dream as one policy that acts on the mean of their action distributions.
 
-Seeds of the same recipe overrate different corners of the dream; averaging what they would do keeps the choices they
-agree on. An ensemble is an agent directory like any other (agent.json, algo "actor-critic") whose members are the
+Seeds of the same recipe may overrate different corners of the dream; averaging what they would do keeps the choices
+they agree on (docs/agents.md measures it on TakeCover). An ensemble is an agent directory like any other (agent.json, algo "actor-critic") whose members are the
 actor-critic directories under it, so load_agent, compare, collect and the registry take it unchanged.
 """
 from __future__ import annotations
@@ -54,11 +54,6 @@ class ActorCriticEnsemble:
         return (actions[0] if obs.ndim == 1 else actions), None
 
 
-def member_dirs(path: str | Path, meta: dict[str, Any]) -> list[Path]:
-    """The member directories of an ensemble's agent.json."""
-    return [Path(path) / name for name in meta["members"]]
-
-
 def save_ensemble(out: str | Path, agents: Sequence[str | Path]) -> Path:
     """Copy actor-critic agent directories (or shipped names) trained on one bundle into `out` as one ensemble agent."""
     if len(agents) < 2:
@@ -93,4 +88,4 @@ def save_ensemble(out: str | Path, agents: Sequence[str | Path]) -> Path:
 
 def load_ensemble(path: str | Path, meta: dict[str, Any]) -> ActorCriticEnsemble:
     """The ensemble policy of an ensemble agent directory."""
-    return ActorCriticEnsemble([ActorCriticPolicy.load(member) for member in member_dirs(path, meta)], meta)
+    return ActorCriticEnsemble([ActorCriticPolicy.load(Path(path) / name) for name in meta["members"]], meta)

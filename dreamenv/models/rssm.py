@@ -34,7 +34,7 @@ class RSSMConfig:
     terminal_weight: float | str = 1.0
     # what the continue head reads: "feature" = [h, z] as DreamerV3; "deter" = h alone, like the MDN-RNN's done head.
     # A store has no frame after an episode's last step, so there (and only there) z is the prior's: a head on [h, z]
-    # can learn that difference instead of the danger, and a dream, all prior, then ends too often
+    # could learn that difference instead of the danger
     continue_input: str = "feature"
     seq_len: int = 64
     batch_size: int = 16
