@@ -438,7 +438,7 @@ def _constant_agent(tiny: Tiny, out: Path, outputs: list[float]) -> Path:
         actor[-1].bias.copy_(torch.tensor(outputs))
     out.mkdir(parents=True)
     ActorCriticPolicy(actor, head).save(out)
-    write_agent_info(out, "actor-critic", wm, str(tiny.bundle), {"config": {"seed": len(outputs)}})
+    write_agent_info(out, "actor-critic", wm, str(tiny.bundle), {})
     return out
 
 
@@ -463,8 +463,9 @@ def test_an_ensemble_acts_on_the_mean_of_its_members(tiny_discrete: Tiny, tiny_b
     assert isinstance(load_policy(str(tmp_path / "ens"), bundle=tiny_discrete.bundle), ActorCriticEnsemble)
 
     # Box: the mean of the members' modes
-    low = _constant_agent(tiny_box, tmp_path / "low", [-3.0] * (ActionHead(WorldModel.load(tiny_box.bundle).action_space).outputs))
-    high = _constant_agent(tiny_box, tmp_path / "high", [1.0] * (ActionHead(WorldModel.load(tiny_box.bundle).action_space).outputs))
+    outputs = ActionHead(WorldModel.load(tiny_box.bundle).action_space).outputs  # means, then stds
+    low = _constant_agent(tiny_box, tmp_path / "low", [-3.0] * outputs)
+    high = _constant_agent(tiny_box, tmp_path / "high", [1.0] * outputs)
     box = dreamenv.load_agent(save_ensemble(tmp_path / "box", [low, high]))
     obs, _ = dreamenv.make_dream_vec(tiny_box.bundle, 4).reset(seed=0)
     head = box.head
