@@ -1,12 +1,12 @@
 """Several actor-critics trained in the same dream as one policy that acts on the mean of their action distributions.
 
 Seeds of the same recipe may overrate different corners of the dream; averaging what they would do keeps the choices
-they agree on (docs/agents.md measures it on TakeCover). An ensemble is an agent directory like any other (agent.json, algo "actor-critic") whose members are the
-actor-critic directories under it, so load_agent, compare, collect and the registry take it unchanged.
+they agree on (docs/agents.md measures it on TakeCover). An ensemble is an agent directory like any other (agent.json,
+algo "actor-critic") whose members are the actor-critic directories under it, so load_agent, compare, collect and the
+registry take it unchanged.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dreamenv.agents.actor_critic import WEIGHTS_FILE, ActorCriticPolicy
-from dreamenv.agents.saved import AGENT_FILE, read_agent_info
+from dreamenv.agents.saved import AGENT_FILE, read_agent_info, write_agent_json
 from dreamenv.registry import resolve_agent
 
 
@@ -79,10 +79,7 @@ def save_ensemble(out: str | Path, agents: Sequence[str | Path]) -> Path:
         names.append(name)
     shared = {key: metas[0][key] for key in ("format", "format_version", "algo", "env_id", "bundle", "bundle_fingerprint",
                                               "trained_in", "versions")}
-    meta = {**shared, "members": names, "member_sources": [str(path) for path in paths],
-            "member_seeds": [meta.get("config", {}).get("seed") for meta in metas]}
-    (out / "agent.tmp.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "agent.tmp.json").replace(out / AGENT_FILE)
+    write_agent_json(out, {**shared, "members": names, "member_sources": [str(path) for path in paths]})
     return out
 
 

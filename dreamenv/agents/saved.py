@@ -14,11 +14,16 @@ AGENT_FILE = "agent.json"
 
 
 def write_agent_info(out: Path, algo: str, world_model: WorldModel, bundle: str, info: dict[str, Any]) -> None:
-    """Write out/agent.json through a temporary name (a kill never leaves half a file)."""
+    """Write out/agent.json: what was trained, on which bundle, with which package versions, plus `info`."""
     meta = {"format": AGENT_FORMAT, "format_version": 1, "algo": algo, "env_id": world_model.env_id, "bundle": bundle,
             "bundle_fingerprint": world_model.fingerprint, "trained_in": "dream", **info,
             "versions": {"dreamenv": package_version("dreamenv"), "stable_baselines3": package_version("stable-baselines3"),
                          "torch": package_version("torch")}}
+    write_agent_json(out, meta)
+
+
+def write_agent_json(out: Path, meta: dict[str, Any]) -> None:
+    """Write `meta` as out/agent.json through a temporary name (a kill never leaves half a file)."""
     (out / "agent.tmp.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "agent.tmp.json").replace(out / AGENT_FILE)
 
