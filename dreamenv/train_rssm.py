@@ -132,6 +132,8 @@ def train_rssm(
     Returns the model with a calibrated continue head: a terminal weight w shifts the trained logits of p(continue)
     by -log(w), which is undone at the end, as for the MDN-RNN's done head; the checkpoint keeps the trained logits.
     config.terminal_weight "balanced" is resolved to the episodes' terminal_balance (the model's config holds the number).
+    With config.continue_refit_epochs, the continue head is then refit alone (refit_continue_head); the checkpoint
+    keeps the jointly trained model, so adding a refit to a finished run's recipe only runs the refit.
     """
     if not episodes or episodes[0].frame_index is None:
         raise ValueError("train_rssm needs at least one training episode with frame_index set")
@@ -166,9 +168,48 @@ def train_rssm(
         save_checkpoint(checkpoint_dir, model, optimizer, {"epoch": epoch + 1, "batch": 0})
     bar.close()
     model.eval()
+    if config.continue_refit_epochs:
+        refit_continue_head(model, episodes, frames, seed, progress)
     with torch.no_grad():
         model.continue_head[-1].bias += math.log(config.terminal_weight)
     return model
+
+
+REFIT_BATCH = 1024  # steps per update of the continue-head refit
+REFIT_LEARNING_RATE = 1e-3
+
+
+@torch.no_grad()
+def filtered_deter(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """h after every step of whole episodes, filtered through the posterior's modes as RealEnv does, and each step's
+    done flag: (steps, deter), (steps,)."""
+    longest = max(len(e.actions) for e in episodes)
+    deters, dones = [], []
+    for batch in sequence_batches(episodes, longest, batch_size, np.random.default_rng(0)):
+        seq = observe_sequences(model, batch_frames(frames, batch["frame_index"]), batch["actions"], batch["next_mask"],
+                                sample=False)
+        keep = batch["step_mask"].bool()
+        deters.append(seq.deter[:, 1:][keep])
+        dones.append(batch["dones"][keep])
+    return torch.cat(deters), torch.cat(dones)
+
+
+def refit_continue_head(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray, seed: int = 0,
+                        progress: bool = True) -> None:
+    """Train the continue head alone for config.continue_refit_epochs on the frozen model's whole-episode h, with the
+    joint loss's terminal weight (its logits stay in that weighted scale, which train_rssm then calibrates)."""
+    config = model.config
+    deter, dones = filtered_deter(model, episodes, frames)
+    weight = 1.0 + (config.terminal_weight - 1.0) * dones
+    optimizer = torch.optim.Adam(model.continue_head.parameters(), lr=REFIT_LEARNING_RATE)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(config.continue_refit_epochs), desc="refit continue head", unit="epoch", disable=not progress):
+        for rows in torch.randperm(len(dones), generator=generator).split(REFIT_BATCH):
+            logit = model.continue_head(deter[rows]).squeeze(-1)
+            loss = (F.binary_cross_entropy_with_logits(logit, 1.0 - dones[rows], reduction="none") * weight[rows]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
 
 @torch.inference_mode()

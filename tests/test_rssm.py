@@ -38,7 +38,7 @@ from dreamenv.models.rssm import (
 )
 from dreamenv.models.vae import frames_to_tensor
 from dreamenv.train import encode_action_array, load_rollout_data, terminal_balance
-from dreamenv.train_rssm import RSSMTrainConfig, rssm_losses, train_rssm, train_rssm_world_model
+from dreamenv.train_rssm import RSSMTrainConfig, filtered_deter, rssm_losses, train_rssm, train_rssm_world_model
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
 from tests.conftest import Tiny, tiny_cmaes_config, tiny_recipe
 from tests.tiny_envs import MODULE, PIXELS_ID
@@ -238,6 +238,37 @@ def test_a_continue_head_on_h_alone(tiny_discrete: Tiny, tmp_path: Path) -> None
         assert all(end == expected for end in ends)
     with pytest.raises(ValueError, match="continue_input"):
         RSSMConfig(continue_input="z")
+
+
+def test_a_continue_head_refit_on_frozen_h(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """continue_refit_epochs trains the continue head alone, after the joint training, on whole-episode h: its weighted
+    loss falls there, every other weight is the jointly trained one, and a finished run refits without retraining."""
+    data, actions, episodes = _sequence_episodes(tiny_discrete)
+    config = dataclasses.replace(tiny_rssm_config(epochs=1), continue_input="deter", terminal_weight="balanced")
+    joint = train_rssm(episodes, data.frames, config, tmp_path / "ckpt", seed=0, progress=False)
+    state = (tmp_path / "ckpt" / "state.json").read_text()
+    refit = train_rssm(episodes, data.frames, dataclasses.replace(config, continue_refit_epochs=200), tmp_path / "ckpt",
+                       seed=0, progress=False)
+    assert (tmp_path / "ckpt" / "state.json").read_text() == state  # resumed as finished: no joint training ran
+    for (name, before), after in zip(joint.state_dict().items(), refit.state_dict().values()):
+        if name.startswith("continue_head"):
+            continue
+        torch.testing.assert_close(after, before, rtol=0, atol=0, msg=name)
+    deter, dones = filtered_deter(joint, episodes, data.frames)
+    assert deter.shape == (sum(len(e.actions) for e in episodes), 16)
+    assert dones.sum() == sum(float(e.terminated.sum()) for e in episodes) > 0
+
+    def weighted_loss(model: RSSM) -> float:
+        w = model.config.terminal_weight
+        with torch.no_grad():  # the trained (weighted) logits: the calibration shifted them by log(w)
+            logit = model.continue_head(deter).squeeze(-1) - math.log(w)
+            return (F.binary_cross_entropy_with_logits(logit, 1 - dones, reduction="none") * (1 + (w - 1) * dones)).mean().item()
+
+    assert weighted_loss(refit) < 0.9 * weighted_loss(joint)
+    with pytest.raises(ValueError, match="continue_refit_epochs"):
+        RSSMConfig(continue_refit_epochs=3)  # on [h, z]
+    with pytest.raises(ValueError, match="continue_refit_epochs"):
+        RSSMConfig(continue_input="deter", continue_refit_epochs=-1)
 
 
 # --- the bundle -------------------------------------------------------------------------------------------------
