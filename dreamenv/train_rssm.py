@@ -89,6 +89,11 @@ def observe_sequences(model: RSSM, frames: torch.Tensor, actions: torch.Tensor, 
     return SequencePosteriors(torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(posteriors, 1), torch.stack(priors, 1))
 
 
+def weighted_continue_loss(logit: torch.Tensor, dones: torch.Tensor, terminal_weight: float) -> torch.Tensor:
+    """Per-step cross-entropy of p(continue) against 1 - done, terminal steps weighted by terminal_weight."""
+    return F.binary_cross_entropy_with_logits(logit, 1.0 - dones, reduction="none") * (1.0 + (terminal_weight - 1.0) * dones)
+
+
 def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray, sample: bool = True) -> dict[str, torch.Tensor]:
     """DreamerV3's world-model loss on a sequence batch: image + reward (symlog) + continue (terminal steps weighted by
     config.terminal_weight, a number here: train_rssm resolves "balanced") + 0.5 dyn + 0.1 rep KL."""
@@ -110,8 +115,7 @@ def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray,
     reward_pred = model.reward_head(after).squeeze(-1)
     reward = ((reward_pred - symlog(batch["rewards"])).pow(2) * step_mask).sum() / steps
     continue_logit = model.continue_logit(after)
-    weight = step_mask * (1.0 + (config.terminal_weight - 1.0) * batch["dones"])
-    cont = (F.binary_cross_entropy_with_logits(continue_logit, 1.0 - batch["dones"], reduction="none") * weight).sum() / steps
+    cont = (weighted_continue_loss(continue_logit, batch["dones"], config.terminal_weight) * step_mask).sum() / steps
     total = image + reward + cont + config.dyn_scale * dyn + config.rep_scale * rep
     return {"loss": total, "image": image, "reward": reward, "continue": cont, "kl": (dyn_kl * next_mask).sum() / seen,
             "reward_pred": reward_pred, "continue_logit": continue_logit}
@@ -200,13 +204,12 @@ def refit_continue_head(model: RSSM, episodes: list[EpisodeData], frames: np.nda
     joint loss's terminal weight (its logits stay in that weighted scale, which train_rssm then calibrates)."""
     config = model.config
     deter, dones = filtered_deter(model, episodes, frames)
-    weight = 1.0 + (config.terminal_weight - 1.0) * dones
     optimizer = torch.optim.Adam(model.continue_head.parameters(), lr=REFIT_LEARNING_RATE)
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(config.continue_refit_epochs), desc="refit continue head", unit="epoch", disable=not progress):
         for rows in torch.randperm(len(dones), generator=generator).split(REFIT_BATCH):
             logit = model.continue_head(deter[rows]).squeeze(-1)
-            loss = (F.binary_cross_entropy_with_logits(logit, 1.0 - dones[rows], reduction="none") * weight[rows]).mean()
+            loss = weighted_continue_loss(logit, dones[rows], config.terminal_weight).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
