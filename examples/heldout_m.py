@@ -37,6 +37,8 @@ def main() -> None:
     print(f"{len(held)} held-out episodes, {len(index)} steps")
     for bundle in args.bundles:
         wm = load_world_model(bundle)
+        if wm.model_kind != "mdnrnn":
+            raise SystemExit(f"{bundle} is an {wm.model_kind} bundle; this scores MDN-RNNs (`dreamenv fidelity` compares both kinds)")
         mu, logvar = encode_frames(wm.vae, frames)
         episodes, start = [], 0
         for i in held:
