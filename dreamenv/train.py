@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 
@@ -243,8 +243,9 @@ def data_summary(paths: Sequence[str | Path], bounds: np.ndarray, rewards: np.nd
             "episode_return_mean": float(np.mean(returns)), "episode_length_mean": float(np.mean(bounds[:, 1] - bounds[:, 0]))}
 
 
-def _episode_data(bounds: np.ndarray, ids: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
-                  arrays: dict[str, np.ndarray], world_actions) -> list[EpisodeData]:
+def episode_data(bounds: np.ndarray, ids: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
+                 arrays: dict[str, np.ndarray], world_actions: Callable[[np.ndarray], np.ndarray]) -> list[EpisodeData]:
+    """Episodes `ids` of the [start, end) `bounds` into latents and step arrays, as M trains and is scored on them."""
     return [
         EpisodeData(
             mu=mu[s:e], logvar=logvar[s:e], actions=world_actions(arrays["actions"][s:e]),
@@ -378,8 +379,8 @@ def train_world_model(
     def encode(actions: np.ndarray) -> np.ndarray:
         return encode_action_array(space, actions)
 
-    train_eps = _episode_data(bounds, train_ids, mu, logvar, arrays, encode)
-    heldout_eps = _episode_data(bounds, heldout_ids, mu, logvar, arrays, encode)
+    train_eps = episode_data(bounds, train_ids, mu, logvar, arrays, encode)
+    heldout_eps = episode_data(bounds, heldout_ids, mu, logvar, arrays, encode)
     init = load_world_model(mdnrnn_from).mdnrnn if mdnrnn_from is not None else None
     mdnrnn, pos_weight = train_mdnrnn(train_eps, config.mdnrnn, work / "mdnrnn", config.seed, progress, init)
     m_metrics = mdnrnn_heldout_metrics(mdnrnn, heldout_eps, config.mdnrnn)

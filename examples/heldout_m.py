@@ -13,9 +13,9 @@ import json
 import numpy as np
 
 from dreamenv import load_world_model
-from dreamenv.data.dataset import EpisodeData, split_episode_ids
-from dreamenv.train import (TrainConfig, encode_action_array, encode_frames, load_rollout_data, mdnrnn_heldout_metrics,
-                            read_frames)
+from dreamenv.data.dataset import split_episode_ids
+from dreamenv.train import (TrainConfig, encode_action_array, encode_frames, episode_data, load_rollout_data,
+                            mdnrnn_heldout_metrics, read_frames)
 
 
 def main() -> None:
@@ -34,23 +34,17 @@ def main() -> None:
         raise SystemExit(f"no held-out episode from index {args.new_from} on: lower --new-from")
     index = np.concatenate([np.arange(*data.bounds[i]) for i in held])
     frames = read_frames(args.data, index)
+    lengths = data.bounds[held, 1] - data.bounds[held, 0]
+    bounds = np.stack([np.cumsum(lengths) - lengths, np.cumsum(lengths)], axis=1)  # the held-out episodes, back to back
+    arrays = {name: values[index] for name, values in data.arrays.items()}
     print(f"{len(held)} held-out episodes, {len(index)} steps")
     for bundle in args.bundles:
         wm = load_world_model(bundle)
         if wm.model_kind != "mdnrnn":
             raise SystemExit(f"{bundle} is an {wm.model_kind} bundle; this scores MDN-RNNs (`dreamenv fidelity` compares both kinds)")
         mu, logvar = encode_frames(wm.vae, frames)
-        episodes, start = [], 0
-        for i in held:
-            s, e = data.bounds[i]
-            n = e - s
-            episodes.append(EpisodeData(
-                mu=mu[start : start + n], logvar=logvar[start : start + n],
-                actions=encode_action_array(data.action_space, data.arrays["actions"][s:e]),
-                rewards=data.arrays["rewards"][s:e].astype(np.float32),
-                terminated=data.arrays["terminated"][s:e].astype(np.float32),
-            ))
-            start += n
+        episodes = episode_data(bounds, np.arange(len(held)), mu, logvar, arrays,
+                                lambda actions: encode_action_array(data.action_space, actions))
         metrics = mdnrnn_heldout_metrics(wm.mdnrnn.eval(), episodes, TrainConfig().mdnrnn)
         print(bundle, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 
