@@ -454,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index file to write, e.g. runs/doom/rollouts.h5 (shards go beside it)")
     p.add_argument("--episodes", type=int, default=100, help="total episodes (rerun with more to extend; default 100)")
     p.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
-    p.add_argument("--policy", default="random", choices=["random", "brownian", "drive", "road", "controller"],
-                   help="random actions, held/brownian random actions, drive (CarRacing: steer randomly, mostly gas), road "
+    p.add_argument("--policy", default="random", choices=["random", "brownian", "hold", "drive", "road", "controller"],
+                   help="random actions, held/brownian random actions, hold (random actions held for a mean of 1..200 "
+                   "steps drawn per episode), drive (CarRacing: steer randomly, mostly gas), road "
                    "(CarRacing: follow the road with random gain, noise and gas), or --controller")
     p.add_argument("--controller", help="controller directory or shipped name, with --policy controller (with --algo: "
                    "an agent's `dreamenv train-agent` directory or shipped name)")

@@ -164,6 +164,25 @@ def test_brownian_box_actions(tmp_path: Path) -> None:
     assert np.abs(steps).max() < 1.5  # a random walk, not independent uniform draws
 
 
+def _run_lengths(actions: np.ndarray) -> np.ndarray:
+    """Lengths of the stretches of equal consecutive actions."""
+    changes = np.flatnonzero(np.any(actions[1:] != actions[:-1], axis=tuple(range(1, actions.ndim)))) + 1
+    return np.diff(np.concatenate([[0], changes, [len(actions)]]))
+
+
+@pytest.mark.parametrize("env_id", [PIXELS_ID, PIXELS_BOX_ID])
+def test_hold_policy_spans_random_play_and_long_holds(env_id: str) -> None:
+    env = gym.make(env_id)
+    mean_runs = []
+    for seed in range(40):
+        act = _episode_policy("hold", env, seed)
+        actions = np.array([act(None, None) for _ in range(600)])
+        assert all(env.action_space.contains(a) for a in actions[:50])
+        mean_runs.append(_run_lengths(actions).mean())
+    # some episodes play nearly at random, others hold one action for a hundred steps and more
+    assert min(mean_runs) < 3 and max(mean_runs) > 100
+
+
 def always_one(env: Any) -> Any:
     """A policy factory: always action 1."""
     return lambda obs, frame: 1

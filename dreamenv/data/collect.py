@@ -210,9 +210,10 @@ def _policy_name(policy: str | PolicyFactory) -> str:
         return str(policy.name)
     if callable(policy):
         return f"{policy.__module__}:{policy.__qualname__}"
-    if policy in ("random", "brownian", "drive", "road"):
+    if policy in ("random", "brownian", "hold", "drive", "road"):
         return policy
-    raise ValueError(f"unknown policy {policy!r}; use 'random', 'brownian', 'drive', 'road', 'controller' or a policy factory callable")
+    raise ValueError(f"unknown policy {policy!r}; use 'random', 'brownian', 'hold', 'drive', 'road', 'controller' or a policy "
+                     "factory callable")
 
 
 def _plan_shards(episodes: int, per_shard: int) -> dict[int, tuple[int, int]]:
@@ -431,6 +432,8 @@ def _episode_policy(policy: str | PolicyFactory, env: gym.Env, seed: int) -> Pol
         return lambda obs, frame: space.sample()
     if policy == "brownian":
         return _brownian_policy(env.action_space, np.random.default_rng(seed))
+    if policy == "hold":
+        return _long_hold_policy(env.action_space, np.random.default_rng(seed))
     if policy == "drive":
         return _driving_policy(env.action_space, np.random.default_rng(seed))
     if policy == "road":
@@ -541,3 +544,39 @@ def _brownian_policy(space: gym.Space, rng: np.random.Generator) -> PolicyFn:
 
         return discrete_step
     raise ValueError(f"the brownian policy needs a Box or Discrete action space, got {space}")
+
+
+LONGEST_MEAN_HOLD = 200  # steps; the `hold` policy's episodes draw their mean hold from 1..this
+
+
+def _long_hold_policy(space: gym.Space, rng: np.random.Generator) -> PolicyFn:
+    """Random actions held for long stretches: each episode draws a mean hold of 1..200 steps (log-uniform).
+
+    Brownian holds of 1..10 steps never show what standing still or holding one direction for long leads to, and
+    the TakeCover dreams learnt from such data let a standing agent live far longer than the game does. Hold
+    lengths are geometric around the episode's mean, so the data spans random play and one action held throughout.
+    """
+    if isinstance(space, gym.spaces.Discrete):
+        def draw() -> Any:
+            return int(space.start + rng.integers(space.n))
+    elif isinstance(space, gym.spaces.Box):
+        low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+        bounded = np.isfinite(low) & np.isfinite(high)
+
+        def draw() -> Any:
+            uniform = rng.uniform(np.where(bounded, low, 0.0), np.where(bounded, high, 0.0))
+            return np.where(bounded, uniform, rng.normal(0.0, 1.0, space.shape)).astype(space.dtype)
+    else:
+        raise ValueError(f"the hold policy needs a Box or Discrete action space, got {space}")
+    mean_hold = float(np.exp(rng.uniform(0.0, np.log(LONGEST_MEAN_HOLD))))
+    held: Any = None
+    left = 0
+
+    def step(obs: Any, frame: np.ndarray) -> Any:
+        nonlocal held, left
+        if left == 0:
+            held, left = draw(), int(rng.geometric(1.0 / mean_hold))
+        left -= 1
+        return held
+
+    return step
