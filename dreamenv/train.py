@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -291,16 +292,54 @@ def load_rollout_data(paths: Sequence[str | Path], with_frames: bool = True) -> 
     )
 
 
-def encode_stores(vae: ConvVAE, paths: Sequence[str | Path], chunk_steps: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """V's (mu, logvar) of every frame of the stores, in load_rollout_data's order, reading a chunk at a time so that
-    the frames are never all in memory."""
+def encode_store(vae: ConvVAE, path: str | Path, chunk_steps: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """V's (mu, logvar) of every frame of one store, reading a chunk at a time so that its frames are never all in
+    memory."""
     mus, logvars = [], []
+    with open_rollouts(path) as r:
+        for start in range(0, r.num_steps, chunk_steps):
+            mu, logvar = encode_frames(vae, r.load_frames(np.arange(start, min(start + chunk_steps, r.num_steps))))
+            mus.append(mu)
+            logvars.append(logvar)
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def vae_digest(vae: ConvVAE) -> str:
+    """Hex sha256 of V's weights: which V a cache of latents came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_latents(vae: ConvVAE, paths: Sequence[str | Path], cache: Path,
+                   frames: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """V's (mu, logvar) of every frame of the stores, in load_rollout_data's order, cached per store in `cache`.
+
+    A store's latents are keyed by its resolved path, its step count and V's weights, so a run given one more store
+    (each round of the iterative procedure) encodes only that store, and a grown store or another V encodes afresh.
+    frames: the stores' frames if already in memory (V was trained on them), else they are read from disk.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    weights = vae_digest(vae)
+    mus, logvars, offset = [], [], 0
     for path in paths:
         with open_rollouts(path) as r:
-            for start in range(0, r.num_steps, chunk_steps):
-                mu, logvar = encode_frames(vae, r.load_frames(np.arange(start, min(start + chunk_steps, r.num_steps))))
-                mus.append(mu)
-                logvars.append(logvar)
+            steps = r.num_steps
+        key = hashlib.sha256(f"{Path(path).resolve()}|{steps}|{weights}".encode()).hexdigest()[:16]
+        file = cache / f"{key}.safetensors"
+        if file.is_file():
+            stored = load_numpy(str(file))
+            mu, logvar = stored["mu"], stored["logvar"]
+        else:
+            mu, logvar = encode_frames(vae, frames[offset:offset + steps]) if frames is not None else encode_store(vae, path)
+            partial = file.with_suffix(".partial")
+            save_numpy({"mu": mu, "logvar": logvar}, str(partial))
+            partial.replace(file)  # an interrupted write leaves no cache entry behind
+        mus.append(mu)
+        logvars.append(logvar)
+        offset += steps
     return np.concatenate(mus), np.concatenate(logvars)
 
 
@@ -364,14 +403,7 @@ def train_world_model(
         if (base.env_id, base.frame_spec) != (env_id, frame_spec):
             raise ValueError(f"{vae_from} sees {base.env_id} frames ({base.frame_spec}); the rollouts are {env_id} ({frame_spec})")
         vae = base.vae
-    latents_path = work / "latents.safetensors"
-    if latents_path.is_file() and (work / "latents.done").is_file():
-        stored = load_numpy(str(latents_path))
-        mu, logvar = stored["mu"], stored["logvar"]
-    else:
-        mu, logvar = encode_frames(vae, frames) if frames is not None else encode_stores(vae, paths)
-        save_numpy({"mu": mu, "logvar": logvar}, str(latents_path))
-        (work / "latents.done").write_text("ok\n")
+    mu, logvar = cached_latents(vae, paths, work / "latents", frames)
     heldout_frames = frames[heldout_index] if frames is not None else read_frames(paths, heldout_index)
     vae_metrics = vae_heldout_loss(vae, heldout_frames, config.vae.kl_tolerance)
     del frames, data, heldout_frames

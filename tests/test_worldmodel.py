@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import shutil
+from typing import Any
 from pathlib import Path
 
 import gymnasium as gym
@@ -143,7 +144,7 @@ def test_training_resumes_instead_of_restarting(tiny: Tiny, tmp_path: Path, monk
     m_state = json.loads((work / "mdnrnn" / "state.json").read_text())["progress"]
     assert vae_state == {"epoch": config.vae.epochs, "batch": 0}
     assert m_state == {"epoch": config.mdnrnn.epochs}
-    latents = (work / "latents.safetensors").stat().st_mtime_ns
+    latents = {p.name: p.stat().st_mtime_ns for p in (work / "latents").iterdir()}
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run trained again")
@@ -153,7 +154,7 @@ def test_training_resumes_instead_of_restarting(tiny: Tiny, tmp_path: Path, monk
     monkeypatch.setattr(dreamenv.train, "_mdnrnn_losses", no_training)  # only M's training loss
     wm = train_world_model(tiny.rollouts, tmp_path / "bundle", config, work_dir=work, progress=False)
 
-    assert (work / "latents.safetensors").stat().st_mtime_ns == latents
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "latents").iterdir()} == latents
     again, first = read_manifest(tmp_path / "bundle"), read_manifest(tiny.bundle)
     assert again["files"] == first["files"]  # the same weights as the first run wrote
     assert WorldModel.load(tmp_path / "bundle").fingerprint == wm.fingerprint
@@ -170,6 +171,37 @@ def test_training_resumes_mid_run(tiny_discrete: Tiny, tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "bundle")
     assert manifest["files"]["vae.safetensors"] == read_manifest(tiny_discrete.bundle)["files"]["vae.safetensors"]
     WorldModel.load(tmp_path / "bundle")
+
+
+def test_latents_cache_encodes_only_new_stores(tiny_discrete: Tiny, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One more store (an iterate round) encodes only that store; another V encodes afresh."""
+    from dreamenv.train import cached_latents
+
+    tiny = tiny_discrete
+    second = tmp_path / "more" / "rollouts.h5"  # the index finds its shards by relative path: copy both
+    second.parent.mkdir()
+    shutil.copy(tiny.rollouts, second)
+    shutil.copytree(tiny.rollouts.with_suffix(".shards"), second.with_suffix(".shards"))
+    vae, cache = load_world_model(tiny.bundle).vae, tmp_path / "cache"
+    encoded: list[str] = []
+    real_encode = dreamenv.train.encode_store
+
+    def counted_encode(v: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        encoded.append(str(path))
+        return real_encode(v, path)
+
+    monkeypatch.setattr(dreamenv.train, "encode_store", counted_encode)
+
+    first = cached_latents(vae, [tiny.rollouts], cache)
+    both = cached_latents(vae, [tiny.rollouts, second], cache)
+    assert encoded == [str(tiny.rollouts), str(second)]  # the first store came from the cache
+    assert np.array_equal(both[0][: len(first[0])], first[0]) and len(both[0]) == 2 * len(first[0])
+    assert not list(cache.glob("*.partial"))
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.5)
+    cached_latents(vae, [tiny.rollouts], cache)
+    assert encoded[-1] == str(tiny.rollouts) and len(list(cache.iterdir())) == 3  # another V: encoded again
 
 
 def test_heldout_episode_returns_are_whole_episodes() -> None:
@@ -203,9 +235,9 @@ def test_heldout_episode_returns_are_whole_episodes() -> None:
 
 
 def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_path: Path) -> None:
-    """M through a trained V never loads every frame: encode_stores (in chunks) and read_frames give exactly what
-    the in-memory path gives, across store boundaries."""
-    from dreamenv.train import encode_frames, encode_stores, load_rollout_data, read_frames
+    """M through a trained V never loads every frame: encode_store (in chunks), the per-store latents cache and
+    read_frames give exactly what the in-memory path gives, across store boundaries."""
+    from dreamenv.train import cached_latents, encode_frames, encode_store, load_rollout_data, read_frames
 
     tiny = tiny_discrete
     second = tmp_path / "rollouts.h5"  # the index finds its shards by relative path: copy both
@@ -221,8 +253,12 @@ def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_
     assert lean.frames is None and np.array_equal(lean.bounds, loaded.bounds)
     assert all(np.array_equal(lean.arrays[k], loaded.arrays[k]) for k in loaded.arrays)
     vae = load_world_model(tiny.bundle).vae
-    for expected, got in zip(encode_frames(vae, loaded.frames), encode_stores(vae, paths, chunk_steps=7)):
-        assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-6)
+    expected = encode_frames(vae, loaded.frames)
+    chunked = [encode_store(vae, path, chunk_steps=7) for path in paths]
+    for got in (tuple(np.concatenate(parts) for parts in zip(*chunked)), cached_latents(vae, paths, tmp_path / "disk"),
+                cached_latents(vae, paths, tmp_path / "memory", loaded.frames)):
+        for want, have in zip(expected, got):
+            assert have.shape == want.shape and np.allclose(have, want, atol=1e-6)
     index = np.array([0, 5, len(loaded.frames) // 2, len(loaded.frames) // 2 + 1, len(loaded.frames) - 1])
     assert np.array_equal(read_frames(paths, index), loaded.frames[index])
     assert np.array_equal(read_frames(paths, index, chunk_steps=2), loaded.frames[index])
