@@ -37,3 +37,15 @@ def test_collect_vizdoom_take_cover(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     space = rollouts.action_space
     assert space == gym.make("VizdoomTakeCover-v1").action_space
     assert all(space.contains(int(a)) for a in np.unique(arrays["actions"]))
+
+
+def test_vizdoom_working_directory_is_made_before_the_engine_starts(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers starting together in a fresh directory must not race to create ViZDoom's _vizdoom/."""
+    import dreamenv.data.sources as sources
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(sources.gym, "make", lambda env_id, **kw: seen.append(Path("_vizdoom").is_dir()))
+    sources.make_source_env("VizdoomTakeCover-v1")
+    assert seen == [True]

@@ -1,6 +1,7 @@
 """The real environments behind dreamenv: make any Gymnasium id, with the paper's episode limits."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gymnasium as gym
@@ -38,4 +39,8 @@ def make_source_env(env_id: str, render_mode: str | None = None, **kwargs: Any) 
     limit = EPISODE_LIMITS.get(env_id)
     if limit is not None:
         kwargs.setdefault("max_episode_steps", limit)
+    if env_id.startswith("Vizdoom"):
+        # ViZDoom makes _vizdoom/ in the working directory when it starts; made here first, so that workers starting
+        # together in a fresh directory do not race to create it (one such start failed with "File exists").
+        os.makedirs("_vizdoom", exist_ok=True)
     return gym.make(env_id, render_mode=render_mode, **kwargs)
