@@ -15,7 +15,7 @@ import numpy as np
 from dreamenv import load_world_model
 from dreamenv.data.dataset import split_episode_ids
 from dreamenv.train import (TrainConfig, encode_action_array, encode_frames, episode_data, load_rollout_data,
-                            mdnrnn_heldout_metrics, read_frames)
+                            mdnrnn_heldout_metrics, read_frames, vae_digest)
 
 
 def main() -> None:
@@ -38,11 +38,15 @@ def main() -> None:
     bounds = np.stack([np.cumsum(lengths) - lengths, np.cumsum(lengths)], axis=1)  # the held-out episodes, back to back
     arrays = {name: values[index] for name, values in data.arrays.items()}
     print(f"{len(held)} held-out episodes, {len(index)} steps")
+    latents: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # bundles fine-tuned through one V share its encoding
     for bundle in args.bundles:
         wm = load_world_model(bundle)
         if wm.model_kind != "mdnrnn":
             raise SystemExit(f"{bundle} is an {wm.model_kind} bundle; this scores MDN-RNNs (`dreamenv fidelity` compares both kinds)")
-        mu, logvar = encode_frames(wm.vae, frames)
+        v = vae_digest(wm.vae)
+        if v not in latents:
+            latents[v] = encode_frames(wm.vae, frames)
+        mu, logvar = latents[v]
         episodes = episode_data(bounds, np.arange(len(held)), mu, logvar, arrays,
                                 lambda actions: encode_action_array(data.action_space, actions))
         metrics = mdnrnn_heldout_metrics(wm.mdnrnn.eval(), episodes, TrainConfig().mdnrnn)
