@@ -262,8 +262,15 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     if args.done_mode == "expected" and args.algo in ("ppo", "sac"):
         raise ValueError(f"--done-mode expected is for actor-critic and cmaes; {args.algo} learns from sampled ends "
                          "(--done-mode sample or threshold)")
+    if (args.teacher or args.teacher_algo) and args.algo != "dagger":
+        raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
     overrides = {"temperature": args.temperature, "seed": args.seed, "done_mode": args.done_mode}
-    if args.algo == "cmaes":
+    if args.algo == "dagger":
+        if args.timesteps is not None:
+            raise ValueError("--timesteps is a PPO, SAC and actor-critic option: DAgger takes its budget from the "
+                             "--config recipe's [dagger] table (rounds, dreams)")
+        overrides.update(dreams=args.n_envs, teacher=args.teacher, teacher_algo=args.teacher_algo)
+    elif args.algo == "cmaes":
         if args.timesteps is not None or args.n_envs is not None:
             raise ValueError("--timesteps and --n-envs are PPO, SAC and actor-critic options: CMA-ES takes its budget from "
                              "the --config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
@@ -567,16 +574,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train-agent", help="train an agent in the dream: ppo or sac (Stable-Baselines3), actor-critic "
-                       "(Dreamer-style) or cmaes (the paper's controller)")
+                       "(Dreamer-style), cmaes (the paper's controller) or dagger (the paper's controller imitating a teacher)")
     p.add_argument("bundle", help="bundle directory or shipped name")
-    p.add_argument("--algo", required=True, choices=["ppo", "sac", "actor-critic", "cmaes"],
+    p.add_argument("--algo", required=True, choices=["ppo", "sac", "actor-critic", "cmaes", "dagger"],
                    help="ppo: SB3 PPO on batched dreams; sac: SB3 SAC on batched dreams (Box actions only); "
-                   "actor-critic: learned in imagination (Discrete or Box actions); cmaes: `dreamenv controller`")
-    p.add_argument("--out", required=True, help="directory to write (agent.json beside the weights); rerun to resume")
-    p.add_argument("--config", help="TOML recipe: its [ppo], [sac], [actor_critic] or [controller] (cmaes) table")
+                   "actor-critic: learned in imagination (Discrete or Box actions); cmaes: `dreamenv controller`; "
+                   "dagger: a linear controller fitted to --teacher's actions on the dream states it reaches")
+    p.add_argument("--out", required=True, help="directory to write (agent.json beside the weights, or a controller); "
+                   "rerun to resume")
+    p.add_argument("--config", help="TOML recipe: its [ppo], [sac], [actor_critic], [controller] (cmaes) or [dagger] table")
     p.add_argument("--timesteps", type=int, help="ppo, sac, actor-critic: dream steps to train on (ppo, sac default 1,000,000)")
     p.add_argument("--temperature", type=float, help="dream temperature (default: the bundle's)")
-    p.add_argument("--n-envs", type=int, help="ppo, sac, actor-critic: dreams stepped as one batch (default 16 / 4 / 256)")
+    p.add_argument("--n-envs", type=int, help="ppo, sac, actor-critic, dagger: dreams stepped as one batch "
+                   "(default 16 / 4 / 256 / 128)")
     p.add_argument("--temperature-range", type=_floats, metavar="LOW,HIGH",
                    help="actor-critic: draw each dream's temperature uniformly from LOW..HIGH (overrides --temperature)")
     p.add_argument("--start-data", nargs="+", metavar="DATA",
@@ -585,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
                    help="how M's p(done) ends a dream (default sample); expected (actor-critic, cmaes): no draw, returns "
                         "discounted by p(continue)")
+    p.add_argument("--teacher", help="dagger: the policy to imitate (train-agent directory, controller, or shipped name "
+                   "with --teacher-algo)")
+    p.add_argument("--teacher-algo", choices=POLICY_ALGOS,
+                   help="dagger: what saved the teacher, as compare's --algo")
     p.add_argument("--seed", type=int, help="training seed")
     p.set_defaults(func=cmd_train_agent)
 

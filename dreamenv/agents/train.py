@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ALGO_TABLES = {"cmaes": "controller", "actor-critic": "actor_critic", "ppo": "ppo", "sac": "sac"}  # algo -> recipe table
+ALGO_TABLES = {"cmaes": "controller", "dagger": "dagger", "actor-critic": "actor_critic", "ppo": "ppo", "sac": "sac"}  # algo -> recipe table
 
 
 def train_agent(algo: str, bundle: str | Path, out: str | Path, settings: dict[str, Any], timesteps: int | None = None) -> None:
@@ -19,6 +19,12 @@ def train_agent(algo: str, bundle: str | Path, out: str | Path, settings: dict[s
         if timesteps is not None:
             raise ValueError("CMA-ES takes its budget from population, rollouts and generations, not timesteps")
         train_controller(bundle, out, CMAESConfig(**settings))
+    elif algo == "dagger":
+        from dreamenv.agents.dagger import DAggerConfig, train_dagger
+
+        if timesteps is not None:
+            raise ValueError("DAgger takes its budget from rounds and dreams, not timesteps")
+        train_dagger(bundle, out, DAggerConfig.from_dict(settings))
     elif algo == "actor-critic":
         from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
 
