@@ -259,9 +259,6 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
         if value and args.algo != "actor-critic":
             raise ValueError(f"{option} is an actor-critic option here; {args.algo} does not use it "
                              f"(for CMA-ES: dreamenv controller {option})")
-    if args.done_mode == "expected" and args.algo in ("ppo", "sac"):
-        raise ValueError(f"--done-mode expected is for actor-critic and cmaes; {args.algo} learns from sampled ends "
-                         "(--done-mode sample or threshold)")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
     overrides = {"temperature": args.temperature, "seed": args.seed, "done_mode": args.done_mode}
@@ -593,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="actor-critic: rollout store(s) its imagination starts from (default: the bundle's own data, "
                    "which a shipped bundle does not include)")
     p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
-                   help="how M's p(done) ends a dream (default sample); expected (actor-critic, cmaes): no draw, returns "
-                        "discounted by p(continue)")
+                   help="how M's p(done) ends a dream (default sample); expected: no death is drawn, each reward is "
+                        "weighted by the chance of being alive")
     p.add_argument("--teacher", help="dagger: the policy to imitate (train-agent directory, controller, or shipped name "
                    "with --teacher-algo)")
     p.add_argument("--teacher-algo", choices=POLICY_ALGOS,

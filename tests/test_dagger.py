@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import dreamenv.agents.dagger as dagger_module
 from dreamenv.agents.controller import ControllerMismatchError, LinearController, dream_returns, load_controller
-from dreamenv.agents.dagger import DAggerConfig, train_dagger
+from dreamenv.agents.dagger import DAggerConfig, teacher_view, train_dagger
 from dreamenv.cli import main
 from dreamenv.compare import compare
 from dreamenv.envs.spaces import latent_dim
@@ -111,3 +112,17 @@ def test_dagger_from_the_command_line(tiny_discrete: Tiny, tmp_path: Path, capsy
     assert main(["train-agent", str(tiny_discrete.bundle), "--algo", "dagger", "--teacher", str(teacher_dir),
                  "--timesteps", "5", "--out", str(tmp_path / "d")]) == 2
     assert "--timesteps is a PPO" in capsys.readouterr().err
+
+
+def test_dagger_controller_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """obs_mode "latent_cell": the controller reads [z, c, h], its teacher still [z, h] cut out of it."""
+    teacher_dir = _teacher(tiny_discrete, tmp_path)
+    config = DAggerConfig(teacher=str(teacher_dir), rounds=1, dreams=4, keep_fraction=1.0, obs_mode="latent_cell")
+    student = train_dagger(tiny_discrete.bundle, tmp_path / "student", config, progress=False)
+    assert student.obs_mode == "latent_cell" and student.obs_dim == 4 + 16 + 16
+    labels = load_file(str(tmp_path / "student" / "dagger" / "round0.safetensors"))
+    z, h = labels["obs"][:, :4], labels["obs"][:, 20:]
+    np.testing.assert_array_equal(labels["actions"], load_controller(teacher_dir).act(np.concatenate([z, h], axis=1)))
+    wm = WorldModel.load(tiny_discrete.bundle)
+    with pytest.raises(ValueError, match="cannot give it"):
+        teacher_view(labels["obs"][:, :20], "latent", "latent_cell", wm)

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 from gymnasium.vector import AutoresetMode
 from safetensors.numpy import load_file
 
 import dreamenv
 from dreamenv.envs.dream import DreamEnv
 from dreamenv.envs.vector import DreamVectorEnv
+from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny, tiny_recipe
 from tests.tiny_envs import MODULE
 
@@ -54,6 +57,30 @@ def test_vector_equals_single_envs(tiny: Tiny, mode: AutoresetMode) -> None:
             assert (terminated[i], truncated[i]) == (term, trunc)
         episode_ends += int(np.sum(terminated | truncated))
     assert episode_ends >= 4  # the comparison covered resets, not just one long episode
+
+
+def test_expected_done_mode_weighs_rewards_by_survival(tiny_discrete: Tiny) -> None:
+    """done_mode "expected": no death is drawn; rewards shrink by M's p(continue) each step until the chance of being
+    alive is below ALIVE_FLOOR, when the dream terminates (and a new one starts with its full reward)."""
+    wm = WorldModel.load(tiny_discrete.bundle)
+    with torch.no_grad():  # p(done) = 0.3 everywhere
+        wm.mdnrnn.done_head.weight.zero_()
+        wm.mdnrnn.done_head.bias.fill_(math.log(0.3 / 0.7))
+    kwargs = {"max_episode_steps": 50, "autoreset_mode": AutoresetMode.SAME_STEP}
+    expected = DreamVectorEnv(2, wm, done_mode="expected", **kwargs)
+    never = DreamVectorEnv(2, wm, done_mode="threshold", done_threshold=0.99, **kwargs)  # the same dreams, never ended
+    expected.reset(seed=3)
+    never.reset(seed=3)
+    for step in range(1, 16):
+        actions = np.array([1, 2])
+        _, reward, terminated, truncated, _ = expected.step(actions)
+        _, base, base_terminated, _, _ = never.step(actions)
+        assert not base_terminated.any() and not truncated.any()
+        if step <= 13:  # after that a new dream has begun, whose dynamics differ from the never-ended one's
+            np.testing.assert_allclose(reward, base * 0.7 ** (step - 1), rtol=1e-4)
+        assert terminated.tolist() == [step == 13] * 2  # 0.7^13 < ALIVE_FLOOR = 0.01 < 0.7^12
+    with pytest.raises(ValueError, match="done_mode"):
+        DreamVectorEnv(2, wm, done_mode="expectation")
 
 
 def test_make_vec_uses_the_batched_dream(tiny_discrete: Tiny) -> None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.config import checked_temperature_range
-from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
+from dreamenv.envs.dream import ALIVE_FLOOR, TRAINING_DONE_MODES, checked_done_mode, dream_core
 from dreamenv.envs.real import latent_filter
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model, resolve_controller
@@ -174,9 +174,6 @@ class ControllerPolicy:
             return action
 
         return act
-
-
-ALIVE_FLOOR = 0.01  # done_mode "expected": a dream stops once its chance of being alive is below this
 
 
 def dream_returns(

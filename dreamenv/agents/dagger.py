@@ -19,6 +19,7 @@ from dreamenv.config import config_from_table
 from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model
+from dreamenv.worldmodel import WorldModel
 
 STATE_FILE = "dagger.json"
 DATA_DIR = "dagger"
@@ -40,7 +41,7 @@ class DAggerConfig:
     weight_decay: float = 1e-4  # L2 penalty on W
     temperature: float | None = None  # None: the bundle's default
     done_mode: str = "sample"
-    obs_mode: str = "latent"
+    obs_mode: str = "latent"  # the controller's input; "latent_cell" adds M's cell state c to the teacher's [z, h]
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +71,17 @@ def imitation_loss(raw: torch.Tensor, targets: torch.Tensor, space: gym.Space) -
     return ((actions - targets.reshape(len(targets), -1)) ** 2).mean()
 
 
+def teacher_view(obs: np.ndarray, obs_mode: str, teacher_mode: str, world_model: WorldModel) -> np.ndarray:
+    """The teacher's observation from the controller's: the same one, or [z, h] cut out of [z, c, h] for a
+    controller on the cell state ("latent_cell") taught by a policy on [z, h]."""
+    if teacher_mode == obs_mode:
+        return obs
+    if (teacher_mode, obs_mode) == ("latent", "latent_cell"):
+        return np.concatenate([obs[:, :world_model.z_dim], obs[:, world_model.z_dim + world_model.hidden_size:]], axis=1)
+    raise ValueError(f"the teacher acts on obs_mode {teacher_mode!r}, which a controller on {obs_mode!r} cannot give it: "
+                     f"use obs_mode {teacher_mode!r}")
+
+
 def train_dagger(bundle: Any, out: str | Path, config: DAggerConfig, progress: bool = True) -> LinearController:
     """DAgger a linear controller from config.teacher in the dream of `bundle`; writes a controller directory (as
     `dreamenv controller`) after every round and resumes from it and the labels kept in out/dagger/."""
@@ -77,6 +89,8 @@ def train_dagger(bundle: Any, out: str | Path, config: DAggerConfig, progress: b
 
     wm = load_world_model(bundle)
     teacher = load_policy(config.teacher, config.teacher_algo, wm)
+    teacher_mode = getattr(teacher, "obs_mode", "latent")
+    teacher_view(np.zeros((1, latent_dim(wm, config.obs_mode)), np.float32), config.obs_mode, teacher_mode, wm)  # fail early
     temperature = wm.default_temperature if config.temperature is None else config.temperature
     out = Path(out)
     (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
@@ -100,7 +114,7 @@ def train_dagger(bundle: Any, out: str | Path, config: DAggerConfig, progress: b
         seen: list[tuple[np.ndarray, np.ndarray]] = []
 
         def policy(obs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-            labels = np.asarray(teacher.predict(obs, deterministic=True)[0])
+            labels = np.asarray(teacher.predict(teacher_view(obs, config.obs_mode, teacher_mode, wm), deterministic=True)[0])
             kept = rng.random(len(obs)) < config.keep_fraction
             seen.append((obs[kept], labels[kept]))
             return labels if round_ == 0 else outputs_to_actions(obs @ student_w.T + student_b, wm.action_space)

@@ -52,7 +52,7 @@ class SB3DreamConfig:
     timesteps: int = 1_000_000
     n_envs: int = 16
     temperature: float | None = None  # None: the bundle's default
-    done_mode: str = "sample"  # how M's p(done) ends a dream, as DreamEnv
+    done_mode: str = "sample"  # how M's p(done) ends a dream: "sample", "threshold" or "expected" (DreamVectorEnv)
     done_threshold: float = 0.5
     checkpoint_every: int = 100_000  # timesteps between saves of model.zip; a rerun resumes from the last one
     seed: int = 0

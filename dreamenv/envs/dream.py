@@ -20,6 +20,7 @@ from dreamenv.worldmodel import WorldModel
 
 DONE_MODES = ("sample", "threshold")
 TRAINING_DONE_MODES = (*DONE_MODES, "expected")  # training may also weigh rewards by the chance of being alive
+ALIVE_FLOOR = 0.01  # done_mode "expected": a dream stops once its chance of being alive is below this
 
 
 def checked_done_mode(done_mode: str, modes: tuple[str, ...] = DONE_MODES) -> str:

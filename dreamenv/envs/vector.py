@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from dreamenv.envs.dream import NoiseBuffer, check_temperature, checked_done_mode, dream_core
+from dreamenv.envs.dream import ALIVE_FLOOR, TRAINING_DONE_MODES, NoiseBuffer, check_temperature, checked_done_mode, dream_core
 from dreamenv.envs.spaces import observation_space
 from dreamenv.registry import load_world_model
 
@@ -19,7 +19,10 @@ from dreamenv.registry import load_world_model
 class DreamVectorEnv(VectorEnv):
     """num_envs dreams of one bundle, batched; sub-env i seeded with seed + i behaves exactly like DreamEnv(seed + i).
 
-    temperature is a scalar or one value per env. autoreset_mode is "NextStep" (Gymnasium's default: the step
+    temperature is a scalar or one value per env. done_mode "sample" or "threshold" ends a dream as DreamEnv does;
+    "expected" (for training, as the actor-critic's and CMA-ES's) never draws a death: each step's reward is weighted
+    by the chance the dream is still alive (the product of M's p(continue) so far), and the episode terminates once
+    that chance is below ALIVE_FLOOR. autoreset_mode is "NextStep" (Gymnasium's default: the step
     after an episode ends resets that env and ignores its action) or "SameStep" (reset at once; the last
     observation is in infos["final_obs"], masked by infos["_final_obs"]).
     """
@@ -38,7 +41,7 @@ class DreamVectorEnv(VectorEnv):
         render_mode: str | None = None,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
     ) -> None:
-        checked_done_mode(done_mode)
+        checked_done_mode(done_mode, TRAINING_DONE_MODES)
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         if self.autoreset_mode == AutoresetMode.DISABLED:
             raise ValueError("DreamVectorEnv supports the NextStep and SameStep autoreset modes")
@@ -60,6 +63,7 @@ class DreamVectorEnv(VectorEnv):
         self._noise = NoiseBuffer(self.num_envs, *self.core.noise_dims)
         self._state: tuple[torch.Tensor, ...] | None = None  # the core's batched state (a NamedTuple of tensors)
         self._elapsed = np.zeros(self.num_envs, np.int64)
+        self._alive = np.ones(self.num_envs, np.float64)  # done_mode "expected": the chance each dream is still alive
         self._needs_reset = np.zeros(self.num_envs, bool)
 
     def _temperatures(self, temperature: float | Sequence[float]) -> torch.Tensor:
@@ -77,6 +81,7 @@ class DreamVectorEnv(VectorEnv):
                 old[torch.from_numpy(envs)] = new
         self._noise.clear(envs)
         self._elapsed[envs] = 0
+        self._alive[envs] = 1.0
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
@@ -124,10 +129,16 @@ class DreamVectorEnv(VectorEnv):
         actions = self._check_actions(actions)
         active = ~self._needs_reset
         noise = self._noise.draw(self._rngs, active)
+        expected = self.done_mode == "expected"
         state, rewards, terminated = self.core.step(
-            self._state, self.world_model.encode_actions(actions), self.temperature, noise, self.done_mode, self.done_threshold
+            self._state, self.world_model.encode_actions(actions), self.temperature, noise,
+            "threshold" if expected else self.done_mode, self.done_threshold
         )
         self._state = state
+        if expected:
+            rewards = (rewards * self._alive).astype(rewards.dtype)
+            self._alive *= 1.0 - self.core.done_probability(state)
+            terminated = self._alive < ALIVE_FLOOR
         self._elapsed[active] += 1
         truncated = self._elapsed >= self.max_episode_steps  # as TimeLimit: set even when terminated too
         infos: dict[str, Any] = {}
