@@ -27,8 +27,8 @@ DATA_DIR = "dagger"
 
 @dataclass
 class DAggerConfig:
-    """Rounds of: run `dreams` dreams with the current controller (round 0: with the teacher), label a `keep_fraction`
-    of their steps with the teacher's deterministic action, and fit the controller to all labels so far."""
+    """Rounds of: run `dreams` dreams with the current controller (the first round: with the teacher), label a
+    `keep_fraction` of their steps with the teacher's deterministic action, and fit the controller to all labels so far."""
 
     teacher: str = ""  # a saved policy: train-agent directory, shipped agent name (with teacher_algo) or controller
     teacher_algo: str | None = None  # what saved it, as `dreamenv compare --algo` (None: found from the directory)
