@@ -255,9 +255,11 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     from dreamenv.agents.train import ALGO_TABLES, train_agent
 
     recipe = load_recipe(args.config)
-    for option, value in (("--start-data", args.start_data), ("--temperature-range", args.temperature_range)):
-        if value and args.algo != "actor-critic":
-            raise ValueError(f"{option} is an actor-critic option here; {args.algo} does not use it "
+    for option, value, algos in (("--start-data", args.start_data, ("actor-critic", "ppo", "sac")),
+                                 ("--max-steps", args.max_steps, ("ppo", "sac")),
+                                 ("--temperature-range", args.temperature_range, ("actor-critic",))):
+        if value and args.algo not in algos:
+            raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it "
                              f"(for CMA-ES: dreamenv controller {option})")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
@@ -274,7 +276,7 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     elif args.algo == "actor-critic":
         overrides.update(batch=args.n_envs, start_data=args.start_data, temperature_range=args.temperature_range)
     else:
-        overrides["n_envs"] = args.n_envs
+        overrides.update(n_envs=args.n_envs, start_data=args.start_data, max_steps=args.max_steps)
     settings = {**recipe.get(ALGO_TABLES[args.algo], {}), **{k: v for k, v in overrides.items() if v is not None}}
     train_agent(args.algo, args.bundle, args.out, settings, args.timesteps)
     print(f"agent: {args.out}  (score it: dreamenv compare {args.bundle} --policy {args.out})")
@@ -588,7 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="actor-critic: draw each dream's temperature uniformly from LOW..HIGH (overrides --temperature)")
     p.add_argument("--start-data", nargs="+", metavar="DATA",
                    help="actor-critic: rollout store(s) its imagination starts from (default: the bundle's own data, "
-                   "which a shipped bundle does not include)")
+                   "which a shipped bundle does not include); ppo, sac: start every dream from a state of these real "
+                   "episodes instead of a first frame")
+    p.add_argument("--max-steps", type=int, help="ppo, sac: truncate each dream after this many steps (default: the "
+                   "env's limit); with --start-data, short branches from real states")
     p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
                    help="how M's p(done) ends a dream (default sample); expected: no death is drawn, each reward is "
                         "weighted by the chance of being alive")

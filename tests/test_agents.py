@@ -128,6 +128,28 @@ def test_agents_are_tied_to_their_bundle(tiny_discrete: Tiny, tiny_box: Tiny, tm
     np.testing.assert_array_equal(zip_model.predict(obs, deterministic=True)[0], load_agent(out).predict(obs, deterministic=True)[0])
 
 
+def test_ppo_from_real_starts_in_short_branches(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """start_data: PPO's dreams begin at states of real episodes and, with max_steps, last at most that long."""
+    config = PPOConfig(timesteps=64, n_envs=2, n_steps=32, batch_size=32, start_data=[str(tiny_discrete.rollouts)],
+                       real_start_episodes=4, max_steps=5, done_mode="threshold")
+    model = train_ppo(tiny_discrete.bundle, tmp_path / "ppo", config, progress=False)
+    lengths = [e["l"] for e in model.ep_info_buffer]
+    assert len(lengths) >= 64 // 5 and max(lengths) <= 5
+    info = json.loads((tmp_path / "ppo" / "agent.json").read_text())
+    assert info["starts"] == "real" and 4 <= info["real_start_states"] <= 4 * 20  # 4 episodes of at most 20 steps
+    assert info["config"]["start_data"] == [str(tiny_discrete.rollouts)] and info["config"]["max_steps"] == 5
+    with pytest.raises(ValueError, match="collect start data"):  # another env's rollouts
+        train_ppo(tiny_discrete.bundle, tmp_path / "other", PPOConfig(start_data=[str(tiny_box.rollouts)]), progress=False)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        PPOConfig(max_steps=0)
+    argv = ["train-agent", str(tiny_discrete.bundle), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--algo", "actor-critic", "--max-steps", "5"]) == 2
+    assert "--max-steps is an option of ppo, sac" in capsys.readouterr().err
+    assert main([*argv, "--algo", "dagger", "--start-data", str(tiny_discrete.rollouts)]) == 2
+    assert "--start-data is an option of actor-critic, ppo, sac" in capsys.readouterr().err
+
+
 def test_ppo_config_errors(tiny_discrete: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="unknown PPO settings \\['n_step'\\]"):
         PPOConfig.from_dict({"n_step": 32})

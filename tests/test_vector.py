@@ -14,7 +14,8 @@ from gymnasium.vector import AutoresetMode
 from safetensors.numpy import load_file
 
 import dreamenv
-from dreamenv.envs.dream import DreamEnv
+from dreamenv.agents.starts import StartStates, real_start_bank
+from dreamenv.envs.dream import DreamEnv, dream_core
 from dreamenv.envs.vector import DreamVectorEnv
 from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny, tiny_recipe
@@ -81,6 +82,41 @@ def test_expected_done_mode_weighs_rewards_by_survival(tiny_discrete: Tiny) -> N
         assert terminated.tolist() == [step == 13] * 2  # 0.7^13 < ALIVE_FLOOR = 0.01 < 0.7^12
     with pytest.raises(ValueError, match="done_mode"):
         DreamVectorEnv(2, wm, done_mode="expectation")
+
+
+def test_real_starts_begin_at_real_states_and_end_at_the_limits(tiny_discrete: Tiny) -> None:
+    """With starts, every (re)set dream is a row of the real-start bank; it is truncated after max_episode_steps
+    steps, or earlier where the real episode's step plus the dream's would pass the env's limit."""
+    wm = WorldModel.load(tiny_discrete.bundle)
+    bank = real_start_bank(wm, 1000, np.random.default_rng(0))
+    states, steps = bank
+    bank_obs = torch.cat([states.z, states.h], -1).numpy()
+    vec = DreamVectorEnv(6, wm, done_mode="threshold", done_threshold=1.0, max_episode_steps=4,
+                         autoreset_mode=AutoresetMode.SAME_STEP, starts=StartStates(dream_core(wm), bank))
+    obs, _ = vec.reset(seed=0)
+    rows = [np.flatnonzero(np.abs(bank_obs - o).max(1) < 1e-6) for o in obs]
+    assert all(len(r) for r in rows) and len({int(steps[r[0]]) for r in rows}) > 1  # bank rows, from several steps
+    rng, lengths, length = np.random.default_rng(1), [], np.zeros(6, np.int64)
+    for _ in range(40):
+        obs, _, terminated, truncated, infos = vec.step(rng.integers(0, 3, 6))
+        length += 1
+        assert not terminated.any()  # p(done) never exceeds 1: only the step limits end these dreams
+        for i in np.flatnonzero(truncated):
+            assert np.abs(bank_obs - obs[i]).max(1).min() < 1e-6  # the next dream starts at a real state again
+            lengths.append(int(length[i]))
+        length[truncated] = 0
+    assert lengths and max(lengths) == 4
+    limit = int(steps.max()) + 2  # an env limit that the latest bank states are close to
+    wm.max_episode_steps = limit
+    late = DreamVectorEnv(64, wm, max_episode_steps=50, done_mode="threshold", done_threshold=1.0,
+                          starts=StartStates(dream_core(wm), bank))
+    obs, _ = late.reset(seed=2)
+    start_steps = np.array([steps[np.abs(bank_obs - o).max(1) < 1e-6].max() for o in obs])
+    first_end = np.zeros(64, np.int64)
+    for step in range(1, limit + 1):
+        _, _, _, truncated, _ = late.step(np.zeros(64, np.int64))
+        first_end[truncated & (first_end == 0)] = step
+    np.testing.assert_array_equal(first_end, limit - start_steps)  # each ends when its real episode would
 
 
 def test_make_vec_uses_the_batched_dream(tiny_discrete: Tiny) -> None:

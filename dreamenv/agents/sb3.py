@@ -12,7 +12,9 @@ from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
 
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
+from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.config import config_from_table
+from dreamenv.envs.dream import dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.worldmodel import WorldModel
 
@@ -55,10 +57,15 @@ class SB3DreamConfig:
     done_mode: str = "sample"  # how M's p(done) ends a dream: "sample", "threshold" or "expected" (DreamVectorEnv)
     done_threshold: float = 0.5
     checkpoint_every: int = 100_000  # timesteps between saves of model.zip; a rerun resumes from the last one
+    start_data: list[str] | None = None  # rollout stores whose real episodes' states the dreams start from (None: first frames)
+    real_start_episodes: int = 64  # real episodes of start_data followed to build that start bank
+    max_steps: int | None = None  # dream steps before an episode is truncated (None: the env's limit); short branches from real starts
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require_at_least(self, 1, ("timesteps", "n_envs", "checkpoint_every"))
+        _require_at_least(self, 1, ("timesteps", "n_envs", "checkpoint_every", "real_start_episodes"))
+        if self.max_steps is not None:
+            _require_at_least(self, 1, ("max_steps",))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -133,12 +140,23 @@ def _resume(algo: type, out: Path, venv: Any, config: SB3DreamConfig) -> Any:
     return model
 
 
-def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: SB3DreamConfig) -> None:
-    """Write out/model.zip (through a temporary name) and out/agent.json."""
+def _start_states(world_model: WorldModel, config: SB3DreamConfig, progress: bool) -> StartStates | None:
+    """The real-start bank of config.start_data (None without it: dreams start from the bundle's first frames)."""
+    if not config.start_data:
+        return None
+    bank = real_start_bank(world_model, config.real_start_episodes, np.random.default_rng(config.seed), progress,
+                           config.start_data)
+    return StartStates(dream_core(world_model), bank)
+
+
+def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: SB3DreamConfig,
+                starts: StartStates | None) -> None:
+    """Write out/model.zip (through a temporary name) and out/agent.json (with where the dreams started)."""
     model.save(out / "model.tmp.zip")
     (out / "model.tmp.zip").replace(out / MODEL_FILE)
+    start_info = {"starts": "initial"} if starts is None else {"starts": "real", "real_start_states": len(starts.bank[1])}
     write_agent_info(out, config.algo, world_model, bundle,
-                     {"temperature": temperature, "timesteps": int(model.num_timesteps), "config": asdict(config)})
+                     {"temperature": temperature, "timesteps": int(model.num_timesteps), **start_info, "config": asdict(config)})
 
 
 def train_sb3(bundle: str | Path, out: str | Path, config: SB3DreamConfig, progress: bool = True) -> Any:
@@ -154,8 +172,10 @@ def train_sb3(bundle: str | Path, out: str | Path, config: SB3DreamConfig, progr
     temperature = wm.default_temperature if config.temperature is None else float(config.temperature)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    starts = _start_states(wm, config, progress)
     venv = VecMonitor(sb3_vec_env(bundle, config.n_envs, temperature=temperature, done_mode=config.done_mode,
-                                  done_threshold=config.done_threshold))  # episode returns for SB3's logs and the bar
+                                  done_threshold=config.done_threshold, max_episode_steps=config.max_steps,
+                                  starts=starts))  # episode returns for SB3's logs and the bar
     if (out / MODEL_FILE).is_file():
         check_agent_bundle(read_agent_info(out), wm, out)
         model = _resume(algo, out, venv, config)
@@ -174,7 +194,7 @@ def train_sb3(bundle: str | Path, out: str | Path, config: SB3DreamConfig, progr
         while model.num_timesteps < config.timesteps:
             model.learn(min(config.checkpoint_every, config.timesteps - model.num_timesteps), callback=show_progress,
                         reset_num_timesteps=False)
-            _save_agent(model, out, wm, source, temperature, config)
+            _save_agent(model, out, wm, source, temperature, config, starts)
     return model
 
 

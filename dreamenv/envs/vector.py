@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +15,9 @@ from dreamenv.envs.dream import ALIVE_FLOOR, TRAINING_DONE_MODES, NoiseBuffer, c
 from dreamenv.envs.spaces import observation_space
 from dreamenv.registry import load_world_model
 
+if TYPE_CHECKING:
+    from dreamenv.agents.starts import StartStates
+
 
 class DreamVectorEnv(VectorEnv):
     """num_envs dreams of one bundle, batched; sub-env i seeded with seed + i behaves exactly like DreamEnv(seed + i).
@@ -25,6 +28,11 @@ class DreamVectorEnv(VectorEnv):
     that chance is below ALIVE_FLOOR. autoreset_mode is "NextStep" (Gymnasium's default: the step
     after an episode ends resets that env and ignores its action) or "SameStep" (reset at once; the last
     observation is in infos["final_obs"], masked by infos["_final_obs"]).
+
+    starts (agents.starts.StartStates) makes every episode begin at a state of a real episode instead of a first
+    frame, as Dreamer imagines from replayed states: a dream started at step t of its episode is truncated after
+    max_episode_steps dream steps or at the env's limit, whichever comes first (short branches with a small
+    max_episode_steps; an agent bootstraps its value there).
     """
 
     metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -40,6 +48,7 @@ class DreamVectorEnv(VectorEnv):
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        starts: StartStates | None = None,
     ) -> None:
         checked_done_mode(done_mode, TRAINING_DONE_MODES)
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -54,6 +63,7 @@ class DreamVectorEnv(VectorEnv):
         self.done_threshold = float(done_threshold)
         self.render_mode = render_mode
         self.max_episode_steps = int(max_episode_steps or self.world_model.max_episode_steps)
+        self.starts = starts
         self.temperature = self._temperatures(self.world_model.default_temperature if temperature is None else temperature)
         self.single_observation_space = observation_space(self.world_model, obs_mode)
         self.single_action_space = self.world_model.action_space
@@ -63,6 +73,7 @@ class DreamVectorEnv(VectorEnv):
         self._noise = NoiseBuffer(self.num_envs, *self.core.noise_dims)
         self._state: tuple[torch.Tensor, ...] | None = None  # the core's batched state (a NamedTuple of tensors)
         self._elapsed = np.zeros(self.num_envs, np.int64)
+        self._limit = np.full(self.num_envs, self.max_episode_steps, np.int64)  # steps each episode may last
         self._alive = np.ones(self.num_envs, np.float64)  # done_mode "expected": the chance each dream is still alive
         self._needs_reset = np.zeros(self.num_envs, bool)
 
@@ -73,9 +84,17 @@ class DreamVectorEnv(VectorEnv):
         return torch.from_numpy(values)
 
     def _reset_envs(self, envs: np.ndarray) -> None:
-        """Fresh episodes for the given env indices: the latent from the bank, recurrent state 0, new noise."""
-        index = np.array([self.core.draw_initial(self._rngs[i])[0] for i in envs], dtype=np.int64)
-        fresh = self.core.initial_state(index)
+        """Fresh episodes for the given env indices: the latent from the bank and recurrent state 0 (or a real
+        start's state), new noise."""
+        if self.starts is None:
+            index = np.array([self.core.draw_initial(self._rngs[i])[0] for i in envs], dtype=np.int64)
+            fresh = self.core.initial_state(index)
+            self._limit[envs] = self.max_episode_steps
+        else:
+            drawn = [self.starts.draw(1, self._rngs[i]) for i in envs]
+            fresh = type(drawn[0][0])(*(torch.cat(parts) for parts in zip(*(state for state, _ in drawn))))
+            start_steps = np.array([step[0] for _, step in drawn], np.int64)
+            self._limit[envs] = np.minimum(self.max_episode_steps, self.world_model.max_episode_steps - start_steps)
         with torch.inference_mode():  # the state tensors come from inference-mode steps
             for old, new in zip(self._state, fresh):
                 old[torch.from_numpy(envs)] = new
@@ -140,7 +159,7 @@ class DreamVectorEnv(VectorEnv):
             self._alive *= 1.0 - self.core.done_probability(state)
             terminated = self._alive < ALIVE_FLOOR
         self._elapsed[active] += 1
-        truncated = self._elapsed >= self.max_episode_steps  # as TimeLimit: set even when terminated too
+        truncated = self._elapsed >= self._limit  # as TimeLimit: set even when terminated too
         infos: dict[str, Any] = {}
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             starting = np.flatnonzero(self._needs_reset)
