@@ -14,7 +14,7 @@ from gymnasium.vector import AutoresetMode
 from safetensors.numpy import load_file
 
 import dreamenv
-from dreamenv.agents.starts import StartStates, real_start_bank
+from dreamenv.agents.starts import StartStates, real_start_bank, real_starts
 from dreamenv.envs.dream import DreamEnv, dream_core
 from dreamenv.envs.vector import DreamVectorEnv
 from dreamenv.worldmodel import WorldModel
@@ -117,6 +117,23 @@ def test_real_starts_begin_at_real_states_and_end_at_the_limits(tiny_discrete: T
         _, _, _, truncated, _ = late.step(np.zeros(64, np.int64))
         first_end[truncated & (first_end == 0)] = step
     np.testing.assert_array_equal(first_end, limit - start_steps)  # each ends when its real episode would
+
+
+def test_sb3_vec_env_of_a_dream_id_takes_real_starts(tiny_discrete: Tiny) -> None:
+    dream_id, _ = dreamenv.register_bundle(tiny_discrete.bundle, "TinyStarts")
+    starts = real_starts(tiny_discrete.bundle, [tiny_discrete.rollouts], episodes=3)
+    venv = dreamenv.sb3_vec_env(dream_id, n_envs=8, starts=starts, max_episode_steps=3, done_mode="threshold",
+                                done_threshold=1.0)  # no deaths: only the limits end these dreams
+    bank_obs = torch.cat([starts.bank[0].z, starts.bank[0].h], -1).numpy()
+    obs = venv.reset()
+    assert max(np.abs(bank_obs - o).max(1).min() for o in obs) < 1e-6
+    length, lengths = np.zeros(8, np.int64), []
+    for _ in range(9):
+        _, _, dones, infos = venv.step(np.zeros(8, np.int64))
+        length += 1
+        lengths += [int(length[i]) for i in np.flatnonzero(dones) if infos[i]["TimeLimit.truncated"]]
+        length[dones] = 0
+    assert len(lengths) >= 16 and max(lengths) == 3  # branches of 3 steps (fewer where the real episode's limit is near)
 
 
 def test_make_vec_uses_the_batched_dream(tiny_discrete: Tiny) -> None:

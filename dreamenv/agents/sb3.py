@@ -12,9 +12,8 @@ from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
 
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
-from dreamenv.agents.starts import StartStates, real_start_bank
+from dreamenv.agents.starts import StartStates, real_starts
 from dreamenv.config import config_from_table
-from dreamenv.envs.dream import dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.worldmodel import WorldModel
 
@@ -144,9 +143,7 @@ def _start_states(world_model: WorldModel, config: SB3DreamConfig, progress: boo
     """The real-start bank of config.start_data (None without it: dreams start from the bundle's first frames)."""
     if not config.start_data:
         return None
-    bank = real_start_bank(world_model, config.real_start_episodes, np.random.default_rng(config.seed), progress,
-                           config.start_data)
-    return StartStates(dream_core(world_model), bank)
+    return real_starts(world_model, config.start_data, config.real_start_episodes, config.seed, progress)
 
 
 def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: SB3DreamConfig,

@@ -12,9 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dreamenv.data.dataset import Rollouts, open_rollouts
-from dreamenv.envs.dream import DreamCore
+from dreamenv.envs.dream import DreamCore, dream_core
 from dreamenv.envs.real import latent_filter
 from dreamenv.envs.rssm_core import RSSMDreamCore
+from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
 FILTER_GROUP = 16  # real episodes followed side by side when building the start bank
@@ -90,3 +91,12 @@ class StartStates:
         states, steps = self.bank
         rows = rng.integers(0, len(steps), n)
         return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows]
+
+
+def real_starts(bundle: WorldModel | str | Path, data: Sequence[str | Path], episodes: int = 64, seed: int = 0,
+                progress: bool = False) -> StartStates:
+    """Start states from `episodes` random real episodes of the rollout stores `data`, for
+    DreamVectorEnv(starts=...) or sb3_vec_env(..., starts=...): dreams that begin where real episodes were."""
+    world_model = load_world_model(bundle)
+    return StartStates(dream_core(world_model), real_start_bank(world_model, episodes, np.random.default_rng(seed),
+                                                                progress, data))
