@@ -247,9 +247,9 @@ def test_real_starts_from_other_data(tiny_discrete: Tiny, tiny_box: Tiny, tmp_pa
         real_start_bank(WorldModel.load(bundle), 3, np.random.default_rng(0), data=[tiny_box.rollouts])
     with pytest.raises(ValueError, match="start_data is where real starts come from"):
         _small(real_starts=False, start_data=[str(tiny_discrete.rollouts)])
-    capsys.readouterr()  # the CLI: --start-data is the actor-critic's
-    assert main(["train-agent", str(bundle), "--algo", "ppo", "--out", str(tmp_path / "ppo"), "--start-data", str(tiny_discrete.rollouts)]) != 0
-    assert "ppo does not use it" in capsys.readouterr().err and not (tmp_path / "ppo").exists()
+    capsys.readouterr()  # the CLI: --start-data is the actor-critic's, PPO's and SAC's, not CMA-ES's
+    assert main(["train-agent", str(bundle), "--algo", "cmaes", "--out", str(tmp_path / "cma"), "--start-data", str(tiny_discrete.rollouts)]) != 0
+    assert "cmaes does not use it" in capsys.readouterr().err and not (tmp_path / "cma").exists()
 
 
 def test_temperature_range_gives_each_dream_its_tau(tiny_discrete: Tiny, tmp_path: Path,
