@@ -286,14 +286,13 @@ def train_actor_critic(
         return rng.uniform(*config.temperature_range, n).astype(np.float32) if config.temperature_range else None
 
     episode_return, finished = np.zeros(config.batch), []
-    start_info = {"starts": "initial"} if bank is None else {"starts": "real", "real_start_states": len(bank[1])}
 
     def save() -> None:
         save_checkpoint(out / "train", model, optimizer, state)
         ActorCriticPolicy(model.actor, head).save(out)
         trained_tau = list(config.temperature_range) if config.temperature_range else temperature
         write_agent_info(out, "actor-critic", wm, source, {"temperature": trained_tau, "iterations": state["iteration"],
-                                                            **start_info, "config": asdict(config), "history": state["history"]})
+                                                            **starts.info(), "config": asdict(config), "history": state["history"]})
 
     bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
                desc=f"actor-critic in the dream, tau={config.temperature_range or temperature}", disable=not progress)

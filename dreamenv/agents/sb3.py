@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
 from dreamenv.agents.starts import StartStates, real_starts
 from dreamenv.config import config_from_table
+from dreamenv.envs.dream import dream_core
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.worldmodel import WorldModel
 
@@ -139,21 +140,20 @@ def _resume(algo: type, out: Path, venv: Any, config: SB3DreamConfig) -> Any:
     return model
 
 
-def _start_states(world_model: WorldModel, config: SB3DreamConfig, progress: bool) -> StartStates | None:
-    """The real-start bank of config.start_data (None without it: dreams start from the bundle's first frames)."""
+def _start_states(world_model: WorldModel, config: SB3DreamConfig, progress: bool) -> StartStates:
+    """The real-start bank of config.start_data, or without it the bundle's first frames."""
     if not config.start_data:
-        return None
+        return StartStates(dream_core(world_model), None)
     return real_starts(world_model, config.start_data, config.real_start_episodes, config.seed, progress)
 
 
 def _save_agent(model: Any, out: Path, world_model: WorldModel, bundle: str, temperature: float, config: SB3DreamConfig,
-                starts: StartStates | None) -> None:
+                starts: StartStates) -> None:
     """Write out/model.zip (through a temporary name) and out/agent.json (with where the dreams started)."""
     model.save(out / "model.tmp.zip")
     (out / "model.tmp.zip").replace(out / MODEL_FILE)
-    start_info = {"starts": "initial"} if starts is None else {"starts": "real", "real_start_states": len(starts.bank[1])}
     write_agent_info(out, config.algo, world_model, bundle,
-                     {"temperature": temperature, "timesteps": int(model.num_timesteps), **start_info, "config": asdict(config)})
+                     {"temperature": temperature, "timesteps": int(model.num_timesteps), **starts.info(), "config": asdict(config)})
 
 
 def train_sb3(bundle: str | Path, out: str | Path, config: SB3DreamConfig, progress: bool = True) -> Any:

@@ -92,6 +92,10 @@ class StartStates:
         rows = rng.integers(0, len(steps), n)
         return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows]
 
+    def info(self) -> dict[str, str | int]:
+        """Where the dreams start, for agent.json: {"starts": "initial"} or "real" with the bank's size."""
+        return {"starts": "initial"} if self.bank is None else {"starts": "real", "real_start_states": len(self.bank[1])}
+
 
 def real_starts(bundle: WorldModel | str | Path, data: Sequence[str | Path], episodes: int = 64, seed: int = 0,
                 progress: bool = False) -> StartStates:

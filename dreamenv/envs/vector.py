@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -11,12 +11,10 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from dreamenv.agents.starts import StartStates
 from dreamenv.envs.dream import ALIVE_FLOOR, TRAINING_DONE_MODES, NoiseBuffer, check_temperature, checked_done_mode, dream_core
 from dreamenv.envs.spaces import observation_space
 from dreamenv.registry import load_world_model
-
-if TYPE_CHECKING:
-    from dreamenv.agents.starts import StartStates
 
 
 class DreamVectorEnv(VectorEnv):
@@ -29,10 +27,10 @@ class DreamVectorEnv(VectorEnv):
     after an episode ends resets that env and ignores its action) or "SameStep" (reset at once; the last
     observation is in infos["final_obs"], masked by infos["_final_obs"]).
 
-    starts (agents.starts.StartStates) makes every episode begin at a state of a real episode instead of a first
-    frame, as Dreamer imagines from replayed states: a dream started at step t of its episode is truncated after
-    max_episode_steps dream steps or at the env's limit, whichever comes first (short branches with a small
-    max_episode_steps; an agent bootstraps its value there).
+    starts (agents.starts.StartStates; default: the bundle's first frames) says where episodes begin; with a real-start
+    bank every episode begins at a state of a real episode, as Dreamer imagines from replayed states. A dream started
+    at step t of its episode is truncated after max_episode_steps dream steps or at the env's limit, whichever comes
+    first (short branches with a small max_episode_steps; an agent bootstraps its value there).
     """
 
     metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -63,7 +61,7 @@ class DreamVectorEnv(VectorEnv):
         self.done_threshold = float(done_threshold)
         self.render_mode = render_mode
         self.max_episode_steps = int(max_episode_steps or self.world_model.max_episode_steps)
-        self.starts = starts
+        self.starts = starts or StartStates(self.core, None)
         self.temperature = self._temperatures(self.world_model.default_temperature if temperature is None else temperature)
         self.single_observation_space = observation_space(self.world_model, obs_mode)
         self.single_action_space = self.world_model.action_space
@@ -84,17 +82,12 @@ class DreamVectorEnv(VectorEnv):
         return torch.from_numpy(values)
 
     def _reset_envs(self, envs: np.ndarray) -> None:
-        """Fresh episodes for the given env indices: the latent from the bank and recurrent state 0 (or a real
-        start's state), new noise."""
-        if self.starts is None:
-            index = np.array([self.core.draw_initial(self._rngs[i])[0] for i in envs], dtype=np.int64)
-            fresh = self.core.initial_state(index)
-            self._limit[envs] = self.max_episode_steps
-        else:
-            drawn = [self.starts.draw(1, self._rngs[i]) for i in envs]
-            fresh = type(drawn[0][0])(*(torch.cat(parts) for parts in zip(*(state for state, _ in drawn))))
-            start_steps = np.array([step[0] for _, step in drawn], np.int64)
-            self._limit[envs] = np.minimum(self.max_episode_steps, self.world_model.max_episode_steps - start_steps)
+        """Fresh episodes for the given env indices: a start state each (by default a first frame's latent and
+        recurrent state 0), new noise."""
+        drawn = [self.starts.draw(1, self._rngs[i]) for i in envs]
+        fresh = type(drawn[0][0])(*(torch.cat(parts) for parts in zip(*(state for state, _ in drawn))))
+        start_steps = np.array([step[0] for _, step in drawn], np.int64)
+        self._limit[envs] = np.minimum(self.max_episode_steps, self.world_model.max_episode_steps - start_steps)
         with torch.inference_mode():  # the state tensors come from inference-mode steps
             for old, new in zip(self._state, fresh):
                 old[torch.from_numpy(envs)] = new
