@@ -257,13 +257,14 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config)
     for option, value, algos in (("--start-data", args.start_data, ("actor-critic", "ppo", "sac")),
                                  ("--max-steps", args.max_steps, ("ppo", "sac")),
-                                 ("--temperature-range", args.temperature_range, ("actor-critic",))):
+                                 ("--temperature-range", args.temperature_range, ("actor-critic",)),
+                                 ("--obs-mode", args.obs_mode, ("actor-critic", "cmaes", "dagger"))):
         if value and args.algo not in algos:
             raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it "
                              f"(for CMA-ES: dreamenv controller {option})")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
-    overrides = {"temperature": args.temperature, "seed": args.seed, "done_mode": args.done_mode}
+    overrides = {"temperature": args.temperature, "seed": args.seed, "done_mode": args.done_mode, "obs_mode": args.obs_mode}
     if args.algo == "dagger":
         if args.timesteps is not None:
             raise ValueError("--timesteps is a PPO, SAC and actor-critic option: DAgger takes its budget from the "
@@ -597,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
                    help="how M's p(done) ends a dream (default sample); expected: no death is drawn, each reward is "
                         "weighted by the chance of being alive")
+    p.add_argument("--obs-mode", choices=["latent", "latent_cell"],
+                   help="actor-critic, cmaes, dagger: what the agent reads, latent = [z, h] (default) or latent_cell = "
+                   "[z, c, h] with M's LSTM cell state (MDN-RNN bundles)")
     p.add_argument("--teacher", help="dagger: the policy to imitate (train-agent directory, controller, or shipped name "
                    "with --teacher-algo)")
     p.add_argument("--teacher-algo", choices=POLICY_ALGOS,

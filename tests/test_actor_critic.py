@@ -332,6 +332,43 @@ def test_train_agent_actor_critic_resumes_and_scores(tiny_discrete: Tiny, tiny_b
     assert f"policy {box}" in capsys.readouterr().out
 
 
+def test_actor_critic_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """obs_mode "latent_cell": actor and critic read [z, c, h], the agent records it, and compare, ensembles and a
+    resume all keep to it."""
+    from dreamenv.compare import compare
+
+    out = tmp_path / "cell"
+    policy = train_actor_critic(tiny_discrete.bundle, out, _small(iterations=2, obs_mode="latent_cell"), progress=False)
+    assert policy.obs_mode == "latent_cell" and policy.actor[0].in_features == 4 + 16 + 16
+    assert json.loads((out / "agent.json").read_text())["obs_mode"] == "latent_cell"
+    result = compare(str(out), tiny_discrete.bundle, episodes=2, backend="serial", progress=False)
+    assert result["obs_mode"] == "latent_cell" and len(result["actual"]["scores"]) == 2
+    latent, _ = dreamenv.make_dream(tiny_discrete.bundle).reset(seed=0)  # [z, h] is too narrow for this actor
+    with pytest.raises(ValueError, match="width 36 .*obs_mode 'latent_cell'.*got shape \\(20,\\)"):
+        policy.predict(latent)
+    with pytest.raises(ValueError, match="obs_mode 'latent_cell', not 'latent'"):
+        train_actor_critic(tiny_discrete.bundle, out, _small(iterations=4), progress=False)
+    plain = train_actor_critic(tiny_discrete.bundle, tmp_path / "plain", _small(iterations=2), progress=False)
+    assert plain.obs_mode == "latent"
+    with pytest.raises(ValueError, match="width 20 .*obs_mode 'latent'"):
+        plain.predict(np.zeros(36, np.float32))
+    with pytest.raises(ValueError, match="read different observations"):
+        save_ensemble(tmp_path / "ens", [out, tmp_path / "plain"])
+    with pytest.raises(ValueError, match="obs_mode must be"):
+        ActorCriticConfig(obs_mode="pixels")
+
+    recipe = tmp_path / "ac.toml"  # the CLI's --obs-mode
+    recipe.write_text("[actor_critic]\nhorizon = 5\nhidden = 16\nlayers = 1\n")
+    common = ["train-agent", str(tiny_discrete.bundle), "--config", str(recipe), "--obs-mode", "latent_cell", "--n-envs", "8",
+              "--timesteps", "40"]
+    assert main([*common, "--algo", "actor-critic", "--out", str(tmp_path / "cli")]) == 0
+    assert load_policy(tmp_path / "cli", bundle=tiny_discrete.bundle).obs_mode == "latent_cell"
+    assert dreamenv.load_agent(save_ensemble(tmp_path / "cells", [out, tmp_path / "cli"])).obs_mode == "latent_cell"
+    capsys.readouterr()
+    assert main([*common, "--algo", "ppo", "--out", str(tmp_path / "ppo")]) == 2
+    assert "--obs-mode is an option of actor-critic, cmaes, dagger" in capsys.readouterr().err
+
+
 def test_shipped_takecover_agent_acts_in_its_envs() -> None:
     shipped = Path(dreamenv.__file__).parent / "checkpoints" / "VizdoomTakeCover" / "agent"
     assert sorted(p.name for p in shipped.iterdir()) == ["actor_critic.safetensors", "agent.json"]  # weights + JSON, no pickle

@@ -1,6 +1,7 @@
 """A Dreamer-style actor-critic learned in imagination (DreamerV3's recipe), for Discrete and Box actions.
 
-Actor and critic are MLPs on the latent observation. Each update imagines `horizon` steps of `batch` dreams with the
+Actor and critic are MLPs on the latent observation ([z, h]; obs_mode "latent_cell" adds the MDN-RNN's LSTM cell
+state c, as the original World Models code's Doom controller read it). Each update imagines `horizon` steps of `batch` dreams with the
 current actor, stepped as one batch by the bundle's dream core. As in DreamerV3, the imagined rollouts start from
 latent states of real episodes: the bundle's recorded rollouts, followed by V + M (or the RSSM's posterior) exactly as
 RealEnv follows the game. Without readable rollouts the dreams start from the bundle's initial-state bank and go on
@@ -32,6 +33,7 @@ from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import checked_temperature_range, config_from_table
 from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
+from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
 from dreamenv.worldmodel import WorldModel
@@ -59,6 +61,7 @@ class ActorCriticConfig:
     unimix: float = 0.01  # Discrete: mix of the uniform distribution into the actor's
     min_std: float = 0.1  # Box: the actor's normal has a std in [min_std, max_std] (in units of half the Box's width)
     max_std: float = 1.0
+    obs_mode: str = "latent"  # the actor's and critic's input: "latent" = [z, h]; "latent_cell" = [z, c, h] (MDN-RNN only)
     real_starts: bool | None = None  # start from real episodes' states: None = when the bundle's rollouts are readable
     real_start_episodes: int = 64  # real episodes followed to build the start bank (ours: DreamerV3 replays its data)
     start_data: list[str] | None = None  # rollout stores of the real starts (None: the bundle's recorded rollouts)
@@ -77,6 +80,8 @@ class ActorCriticConfig:
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got gamma {self.gamma}, lam {self.lam}")
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got min_std {self.min_std}, max_std {self.max_std}")
+        if self.obs_mode not in ("latent", "latent_cell"):
+            raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for the actor-critic, got {self.obs_mode!r}")
         checked_done_mode(self.done_mode, TRAINING_DONE_MODES)
         self.temperature_range = checked_temperature_range(self.temperature_range)
         if self.start_data and self.real_starts is False:
@@ -199,6 +204,14 @@ class ActorCritic(nn.Module):
             target.lerp_(source, rate)
 
 
+def check_obs_width(obs: torch.Tensor, actor: nn.Sequential, obs_mode: str) -> None:
+    """Raise ValueError naming both widths when observations do not fit the actor's input."""
+    width = actor[0].in_features
+    if obs.ndim not in (1, 2) or obs.shape[-1] != width:
+        raise ValueError(f"the actor reads observations of width {width} (obs_mode {obs_mode!r}), one or a batch; got shape "
+                         f"{tuple(obs.shape)}: create the env with obs_mode={obs_mode!r} and the agent's bundle")
+
+
 class ActorCriticPolicy:
     """The trained actor as a policy: predict(obs, deterministic=True) -> (action, None), SB3-style."""
 
@@ -208,11 +221,17 @@ class ActorCriticPolicy:
         self.action_space = head.space
         self.info = info or {}
 
+    @property
+    def obs_mode(self) -> str:
+        """The observation the actor reads: "latent" ([z, h]) or "latent_cell" ([z, c, h])."""
+        return self.info.get("obs_mode", "latent")
+
     @torch.inference_mode()
     def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
         """The most likely action (deterministic) or a sample, for one observation or a batch."""
         obs = torch.as_tensor(np.asarray(observation, np.float32))
+        check_obs_width(obs, self.actor, self.obs_mode)
         out = self.actor(obs.reshape(-1, obs.shape[-1]))
         actions = self.head.to_env(self.head.mode(out) if deterministic else self.head.distribution(out).sample())
         return (actions[0] if obs.ndim == 1 else actions), None
@@ -255,8 +274,13 @@ def train_actor_critic(
     head = ActionHead(wm.action_space, config.unimix, config.min_std, config.max_std)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    obs_dim = latent_dim(wm, config.obs_mode)  # ValueError for "latent_cell" on an RSSM bundle
     if (out / "agent.json").is_file():
-        check_agent_bundle(read_agent_info(out), wm, out)
+        previous = read_agent_info(out)
+        check_agent_bundle(previous, wm, out)
+        if previous.get("obs_mode", "latent") != config.obs_mode:
+            raise ValueError(f"{out} holds an actor-critic on obs_mode {previous.get('obs_mode', 'latent')!r}, not "
+                             f"{config.obs_mode!r}: resume it with that obs_mode, or train into a new --out")
     temperature = wm.default_temperature if config.temperature is None else float(config.temperature)
     torch.manual_seed(config.seed)
     bank = None
@@ -271,7 +295,7 @@ def train_actor_critic(
             warnings.warn(f"actor-critic: imagination starts from the bundle's initial states: {err}", stacklevel=2)
     core = dream_core(wm)
     starts = StartStates(core, bank)
-    model = ActorCritic(wm.latent_obs_dim, head.outputs, config.hidden, config.layers)
+    model = ActorCritic(obs_dim, head.outputs, config.hidden, config.layers)
     optimizer = torch.optim.Adam([{"params": model.actor.parameters(), "lr": config.actor_lr},
                                   {"params": model.critic.parameters(), "lr": config.critic_lr}], eps=1e-5)
     state = load_checkpoint(out / "train", model, optimizer) or {"iteration": 0, "return_range": 0.0, "history": []}
@@ -292,6 +316,7 @@ def train_actor_critic(
         ActorCriticPolicy(model.actor, head).save(out)
         trained_tau = list(config.temperature_range) if config.temperature_range else temperature
         write_agent_info(out, "actor-critic", wm, source, {"temperature": trained_tau, "iterations": state["iteration"],
+                                                            "obs_mode": config.obs_mode,
                                                             **starts.info(), "config": asdict(config), "history": state["history"]})
 
     bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
@@ -302,7 +327,7 @@ def train_actor_critic(
             tau = draw_tau(config.batch)
         steps = {"obs": [], "actions": [], "rewards": [], "continues": [], "ended": [], "successors": []}
         for _ in range(config.horizon):  # imagine with the current actor
-            obs = core.latent_obs(dream)
+            obs = core.observe(dream, config.obs_mode)
             with torch.no_grad():
                 actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
             dream, rewards, terminated = core.step(dream, wm.encode_actions(head.to_env(actions)),
@@ -315,7 +340,7 @@ def train_actor_critic(
                 continues = torch.from_numpy(~terminated).float()
             elapsed += 1
             ended = terminated | (elapsed >= wm.max_episode_steps)
-            successors = core.latent_obs(dream)
+            successors = core.observe(dream, config.obs_mode)
             if ended.any():  # ended dreams restart at once (their last observation is in successors)
                 rows = np.flatnonzero(ended)
                 fresh, elapsed[rows] = starts.draw(len(rows), rng)

@@ -29,10 +29,18 @@ class ActorCriticEnsemble:
             raise ValueError(f"an ensemble needs at least 2 actor-critics, got {len(members)}")
         if any(member.action_space != members[0].action_space for member in members):
             raise ValueError("an ensemble's actor-critics must share one action space")
+        if len({member.obs_mode for member in members}) != 1:
+            raise ValueError("an ensemble's actor-critics must read one obs_mode, got "
+                             f"{sorted({member.obs_mode for member in members})}")
         self.members = list(members)
         self.action_space = members[0].action_space
         self.head = members[0].head
         self.info = info or {}
+
+    @property
+    def obs_mode(self) -> str:
+        """The observation every member reads: "latent" ([z, h]) or "latent_cell" ([z, c, h])."""
+        return self.members[0].obs_mode
 
     @torch.inference_mode()
     def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None,
@@ -64,6 +72,10 @@ def save_ensemble(out: str | Path, agents: Sequence[str | Path]) -> Path:
         if meta["algo"] != "actor-critic" or "members" in meta:
             raise ValueError(f"{path} holds a {meta['algo']}{' ensemble' if 'members' in meta else ''} agent: an "
                              "ensemble is made of single actor-critics (dreamenv train-agent --algo actor-critic)")
+    modes = {meta.get("obs_mode", "latent") for meta in metas}
+    if len(modes) != 1:
+        raise ValueError(f"the agents read different observations (obs_mode {', '.join(sorted(modes))}): an ensemble's "
+                         "members must read one obs_mode")
     fingerprints = {meta["bundle_fingerprint"] for meta in metas}
     if len(fingerprints) != 1:
         raise ValueError(f"the agents were trained on different bundles ({', '.join(sorted(f[:12] for f in fingerprints))}): "
