@@ -260,8 +260,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
                                  ("--temperature-range", args.temperature_range, ("actor-critic",)),
                                  ("--obs-mode", args.obs_mode, ("actor-critic", "cmaes", "dagger"))):
         if value and args.algo not in algos:
-            raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it "
-                             f"(for CMA-ES: dreamenv controller {option})")
+            hint = "" if "cmaes" in algos else f" (for CMA-ES: dreamenv controller {option})"
+            raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it{hint}")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
     overrides = {"temperature": args.temperature, "seed": args.seed, "done_mode": args.done_mode, "obs_mode": args.obs_mode}
