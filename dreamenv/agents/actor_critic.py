@@ -1,16 +1,16 @@
 """A Dreamer-style actor-critic learned in imagination (DreamerV3's recipe), for Discrete and Box actions.
 
-Actor and critic are MLPs on the latent observation ([z, h]; obs_mode "latent_cell" adds the MDN-RNN's LSTM cell
-state c, as the original World Models code's Doom controller read it). Each update imagines `horizon` steps of `batch` dreams with the
-current actor, stepped as one batch by the bundle's dream core. As in DreamerV3, the imagined rollouts start from
-latent states of real episodes: the bundle's recorded rollouts, followed by V + M (or the RSSM's posterior) exactly as
-RealEnv follows the game. Without readable rollouts the dreams start from the bundle's initial-state bank and go on
-from where the last update left them, so the starts still cover whole dream episodes. A dream M ends restarts from the
-same kind of start. Lambda-returns bootstrap from a slow target critic; the critic regresses them in symlog space; the
-actor follows REINFORCE (the dream samples MDN noise, so it is not differentiated through) with advantages divided by
-max(1, EMA of the returns' 5th-95th percentile range), plus an entropy bonus. Discrete actions come from a categorical
-with 1% uniform mixed in, Box actions from DreamerV3's bounded normal: mean tanh(.), std in [0.1, 1], samples clipped
-to [-1, 1] and mapped linearly onto the Box's [low, high].
+Actor and critic are MLPs on the latent observation ([z, h]; obs_mode "latent_cell" adds the MDN-RNN's LSTM cell state
+c, as the original World Models code's Doom controller read it). Each update imagines `horizon` steps of `batch`
+dreams with the current actor, stepped as one batch by the bundle's dream core. As in DreamerV3, the imagined rollouts
+start from latent states of real episodes: the bundle's recorded rollouts, followed by V + M (or the RSSM's posterior)
+exactly as RealEnv follows the game. Without readable rollouts the dreams start from the bundle's initial-state bank
+and go on from where the last update left them, so the starts still cover whole dream episodes. A dream M ends
+restarts from the same kind of start. Lambda-returns bootstrap from a slow target critic; the critic regresses them in
+symlog space; the actor follows REINFORCE (the dream samples MDN noise, so it is not differentiated through) with
+advantages divided by max(1, EMA of the returns' 5th-95th percentile range), plus an entropy bonus. Discrete actions
+come from a categorical with 1% uniform mixed in, Box actions from DreamerV3's bounded normal: mean tanh(.), std in
+[0.1, 1], samples clipped to [-1, 1] and mapped linearly onto the Box's [low, high].
 """
 from __future__ import annotations
 
