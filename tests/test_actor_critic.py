@@ -352,8 +352,9 @@ def test_actor_critic_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path, cap
     assert plain.obs_mode == "latent"
     with pytest.raises(ValueError, match="width 20 .*obs_mode 'latent'"):
         plain.predict(np.zeros(36, np.float32))
-    with pytest.raises(ValueError, match="read different observations"):
+    with pytest.raises(ValueError, match="must read one obs_mode"):
         save_ensemble(tmp_path / "ens", [out, tmp_path / "plain"])
+    assert not (tmp_path / "ens").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="obs_mode must be"):
         ActorCriticConfig(obs_mode="pixels")
 
@@ -363,7 +364,10 @@ def test_actor_critic_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path, cap
               "--timesteps", "40"]
     assert main([*common, "--algo", "actor-critic", "--out", str(tmp_path / "cli")]) == 0
     assert load_policy(tmp_path / "cli", bundle=tiny_discrete.bundle).obs_mode == "latent_cell"
-    assert dreamenv.load_agent(save_ensemble(tmp_path / "cells", [out, tmp_path / "cli"])).obs_mode == "latent_cell"
+    cells = dreamenv.load_agent(save_ensemble(tmp_path / "cells", [out, tmp_path / "cli"]))
+    assert cells.obs_mode == "latent_cell"
+    with pytest.raises(ValueError, match="width 36 .*obs_mode 'latent_cell'"):
+        cells.predict(latent)
     capsys.readouterr()
     assert main([*common, "--algo", "ppo", "--out", str(tmp_path / "ppo")]) == 2
     err = capsys.readouterr().err

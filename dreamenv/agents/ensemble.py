@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from dreamenv.agents.actor_critic import WEIGHTS_FILE, ActorCriticPolicy
+from dreamenv.agents.actor_critic import WEIGHTS_FILE, ActorCriticPolicy, check_obs_width
 from dreamenv.agents.saved import AGENT_FILE, read_agent_info, write_agent_json
 from dreamenv.registry import resolve_agent
 
@@ -47,6 +47,7 @@ class ActorCriticEnsemble:
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
         """The mixture's most likely action (deterministic) or a sample, for one observation or a batch."""
         obs = torch.as_tensor(np.asarray(observation, np.float32))
+        check_obs_width(obs, self.members[0].actor, self.obs_mode)
         flat = obs.reshape(-1, obs.shape[-1])
         outs = [(member.head, member.actor(flat)) for member in self.members]
         if isinstance(self.action_space, gym.spaces.Discrete):
@@ -72,14 +73,11 @@ def save_ensemble(out: str | Path, agents: Sequence[str | Path]) -> Path:
         if meta["algo"] != "actor-critic" or "members" in meta:
             raise ValueError(f"{path} holds a {meta['algo']}{' ensemble' if 'members' in meta else ''} agent: an "
                              "ensemble is made of single actor-critics (dreamenv train-agent --algo actor-critic)")
-    modes = {meta.get("obs_mode", "latent") for meta in metas}
-    if len(modes) != 1:
-        raise ValueError(f"the agents read different observations (obs_mode {', '.join(sorted(modes))}): an ensemble's "
-                         "members must read one obs_mode")
     fingerprints = {meta["bundle_fingerprint"] for meta in metas}
     if len(fingerprints) != 1:
         raise ValueError(f"the agents were trained on different bundles ({', '.join(sorted(f[:12] for f in fingerprints))}): "
                          "an ensemble's members must share the dream whose observations they read")
+    ActorCriticEnsemble([ActorCriticPolicy.load(path) for path in paths])  # one action space and obs_mode, before writing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = []
