@@ -278,9 +278,10 @@ def train_actor_critic(
     if (out / "agent.json").is_file():
         previous = read_agent_info(out)
         check_agent_bundle(previous, wm, out)
-        if previous.get("obs_mode", "latent") != config.obs_mode:
-            raise ValueError(f"{out} holds an actor-critic on obs_mode {previous.get('obs_mode', 'latent')!r}, not "
-                             f"{config.obs_mode!r}: resume it with that obs_mode, or train into a new --out")
+        previous_mode = previous.get("obs_mode", "latent")
+        if previous_mode != config.obs_mode:
+            raise ValueError(f"{out} holds an actor-critic on obs_mode {previous_mode!r}, not {config.obs_mode!r}: "
+                             "resume it with that obs_mode, or train into a new --out")
     temperature = wm.default_temperature if config.temperature is None else float(config.temperature)
     torch.manual_seed(config.seed)
     bank = None
