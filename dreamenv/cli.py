@@ -101,7 +101,8 @@ def train_rssm_command(args: argparse.Namespace, recipe: dict[str, Any]) -> None
     from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
 
     v_and_m = {"--z-dim": args.z_dim, "--vae-epochs": args.vae_epochs, "--vae-batch-size": args.vae_batch_size,
-               "--mdn-epochs": args.mdn_epochs, "--vae-from": args.vae_from, "--mdnrnn-from": args.mdnrnn_from}
+               "--mdn-epochs": args.mdn_epochs, "--vae-from": args.vae_from, "--mdnrnn-from": args.mdnrnn_from,
+               "--vae-init-from": args.vae_init_from}
     given = [flag for flag, value in v_and_m.items() if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)} set V or M, which an RSSM does not have: drop them, or train with --model mdnrnn")
@@ -129,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                  "mdnrnn": {"hidden_size": args.hidden_size, "epochs": args.mdn_epochs, "seq_len": args.seq_len},
                  "seed": args.seed, "default_temperature": args.temperature}
     model = train_world_model(args.data, args.out, TrainConfig.from_dict(_merge_overrides(recipe, overrides)), work_dir=args.work_dir,
-                              vae_from=args.vae_from, mdnrnn_from=args.mdnrnn_from)
+                              vae_from=args.vae_from, mdnrnn_from=args.mdnrnn_from, vae_init_from=args.vae_init_from)
     print(f"bundle: {args.out}")
     print(json.dumps(model.info["heldout"], indent=2))
 
@@ -491,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
     p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only)")
     p.add_argument("--mdnrnn-from", help="start M from this bundle's M (fine-tune; needs --vae-from, usually the same bundle)")
+    p.add_argument("--vae-init-from", help="start V from this bundle's V and train it --vae-epochs more epochs on DATA")
     p.add_argument("--z-dim", type=int, help="V latent size (paper: 32 CarRacing, 64 Doom)")
     p.add_argument("--vae-epochs", type=int, help="epochs of V")
     p.add_argument("--vae-batch-size", type=int, help="V batch size")

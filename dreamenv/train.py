@@ -51,12 +51,16 @@ class TrainConfig:
 
 def train_vae(
     frames: np.ndarray, config: VAEConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True,
-    index: np.ndarray | None = None,
+    index: np.ndarray | None = None, init: ConvVAE | None = None,
 ) -> ConvVAE:
     """Train the ConvVAE on uint8 frames (N, 64, 64, 3), or on their ascending rows `index`, resuming from
-    checkpoint_dir when it holds a run."""
+    checkpoint_dir when it holds a run; `init` (a trained V of the same z_dim) is the starting point of a new run."""
     torch.manual_seed(seed)
     vae = ConvVAE(config.z_dim)
+    if init is not None:
+        if init.z_dim != config.z_dim:
+            raise ValueError(f"the V to start from has z_dim {init.z_dim}, the recipe {config.z_dim}: set --z-dim {init.z_dim}")
+        vae.load_state_dict(init.state_dict())
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     state = load_checkpoint(checkpoint_dir, vae, optimizer) or {"epoch": 0, "batch": 0}
     n_batches = math.ceil((len(frames) if index is None else len(index)) / config.batch_size)
@@ -374,13 +378,17 @@ def train_world_model(
     progress: bool = True,
     vae_from: str | Path | None = None,
     mdnrnn_from: str | Path | None = None,
+    vae_init_from: str | Path | None = None,
 ) -> WorldModel:
     """Rollouts -> V -> latents -> M -> bundle at `out`; rerunning the same call resumes where it stopped.
 
     rollouts_path may list several stores of one env. vae_from: a bundle whose V is reused instead of
     training one (the iterative procedure retrains M on new data, seen through the same V). mdnrnn_from:
-    a bundle whose M is the starting point (fine-tuning), which needs the same V (vae_from).
+    a bundle whose M is the starting point (fine-tuning), which needs the same V (vae_from). vae_init_from: a
+    bundle whose V is the starting point of V's training (config.vae.epochs more epochs on these frames).
     """
+    if vae_init_from is not None and vae_from is not None:
+        raise ValueError("vae_from reuses a V as it is and vae_init_from trains one on from it: pass one of them")
     if mdnrnn_from is not None and vae_from is None:
         raise ValueError("mdnrnn_from fine-tunes an M on its V's latents: pass vae_from too (usually the same bundle's V)")
     config = config or TrainConfig()
@@ -396,13 +404,17 @@ def train_world_model(
     train_index = np.concatenate([np.arange(*bounds[i]) for i in train_ids])
     heldout_index = np.concatenate([np.arange(*bounds[i]) for i in heldout_ids]) if len(heldout_ids) else np.zeros(0, int)
 
-    if vae_from is None:
-        vae = train_vae(frames, config.vae, work / "vae", config.seed, progress, index=train_index)
-    else:
-        base = load_world_model(vae_from)
+    def base_vae(bundle: str | Path) -> ConvVAE:
+        base = load_world_model(bundle)
         if (base.env_id, base.frame_spec) != (env_id, frame_spec):
-            raise ValueError(f"{vae_from} sees {base.env_id} frames ({base.frame_spec}); the rollouts are {env_id} ({frame_spec})")
-        vae = base.vae
+            raise ValueError(f"{bundle} sees {base.env_id} frames ({base.frame_spec}); the rollouts are {env_id} ({frame_spec})")
+        return base.vae
+
+    if vae_from is None:
+        init = base_vae(vae_init_from) if vae_init_from is not None else None
+        vae = train_vae(frames, config.vae, work / "vae", config.seed, progress, index=train_index, init=init)
+    else:
+        vae = base_vae(vae_from)
     mu, logvar = cached_latents(vae, paths, work / "latents", frames)
     heldout_frames = frames[heldout_index] if frames is not None else read_frames(paths, heldout_index)
     vae_metrics = vae_heldout_loss(vae, heldout_frames, config.vae.kl_tolerance)
@@ -423,6 +435,8 @@ def train_world_model(
         recipe["vae_from"] = str(vae_from)
     if mdnrnn_from is not None:
         recipe["mdnrnn_from"] = str(mdnrnn_from)
+    if vae_init_from is not None:
+        recipe["vae_init_from"] = str(vae_init_from)
     model = WorldModel(
         vae=vae, mdnrnn=mdnrnn, initial_z=torch.from_numpy(mu[first]).clone(), env_id=env_id,
         action_space=space, frame_spec=frame_spec, max_episode_steps=make_source_env_limit(env_id),

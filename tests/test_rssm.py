@@ -592,6 +592,9 @@ def test_cli_train_info_evaluate_dream(rssm_discrete: TinyRSSM, tmp_path: Path, 
     capsys.readouterr()
     assert main(["train", str(rssm_discrete.base.rollouts), "--model", "rssm", "--out", str(tmp_path / "x"), "--z-dim", "8"]) == 2
     assert "--z-dim set V or M" in capsys.readouterr().err
+    assert main(["train", str(rssm_discrete.base.rollouts), "--model", "rssm", "--out", str(tmp_path / "x"),
+                 "--vae-init-from", str(rssm_discrete.bundle)]) == 2
+    assert "--vae-init-from set V or M" in capsys.readouterr().err
 
     assert main(["info", str(rssm_discrete.bundle)]) == 0
     out = capsys.readouterr().out

@@ -267,3 +267,24 @@ def test_stores_read_from_disk_match_the_loaded_frames(tiny_discrete: Tiny, tmp_
         read_frames(paths, index[::-1])
     with pytest.raises(IndexError, match="past the"):
         read_frames(paths, np.array([len(loaded.frames)]))
+
+
+def test_vae_trains_on_from_another_bundles_v(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """vae_init_from starts V at that bundle's weights: no epochs keep them exactly, one epoch moves on from them
+    (a fresh V with the same seed and recipe would be the bundle's V itself); the recipe records it."""
+    tiny = tiny_discrete
+    base = load_world_model(tiny.bundle).vae.state_dict()
+    none, one = tiny_train_config(), tiny_train_config()
+    none.vae.epochs = 0
+    kept = train_world_model(tiny.rollouts, tmp_path / "kept", none, progress=False, vae_init_from=tiny.bundle)
+    assert all(torch.equal(kept.vae.state_dict()[k], v) for k, v in base.items())
+    moved = train_world_model(tiny.rollouts, tmp_path / "moved", one, progress=False, vae_init_from=tiny.bundle)
+    assert any(not torch.equal(moved.vae.state_dict()[k], v) for k, v in base.items())
+    assert moved.info["recipe"]["vae_init_from"] == str(tiny.bundle) and "vae_from" not in moved.info["recipe"]
+    with pytest.raises(ValueError, match="pass one of them"):
+        train_world_model(tiny.rollouts, tmp_path / "both", one, progress=False, vae_from=tiny.bundle,
+                          vae_init_from=tiny.bundle)
+    wider = tiny_train_config()
+    wider.vae.z_dim = 8
+    with pytest.raises(ValueError, match="--z-dim 4"):
+        train_world_model(tiny.rollouts, tmp_path / "wider", wider, progress=False, vae_init_from=tiny.bundle)
