@@ -30,8 +30,8 @@ class Lookahead:
         self.wm = dreamenv.load_world_model(bundle)
         self.core = DreamCore(self.wm)
         self.agent = dreamenv.load_agent(agent, bundle)
-        if self.agent.obs_mode != "latent":
-            raise ValueError("this example's agent reads [z, h] (obs_mode 'latent')")
+        if not hasattr(self.agent, "actor") or self.agent.obs_mode != "latent":
+            raise ValueError(f"{agent}: this example dreams on with one actor-critic that reads [z, h] (obs_mode 'latent')")
         self.horizon, self.samples, self.temperature = horizon, samples, temperature
         self.z_dim, self.hidden = self.wm.z_dim, self.wm.hidden_size
         self.rng = np.random.default_rng(seed)
