@@ -259,9 +259,10 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     for option, value, algos in (("--start-data", args.start_data, ("actor-critic", "ppo", "sac")),
                                  ("--max-steps", args.max_steps, ("ppo", "sac")),
                                  ("--temperature-range", args.temperature_range, ("actor-critic",)),
+                                 ("--actor-gradient", args.actor_gradient, ("actor-critic",)),
                                  ("--obs-mode", args.obs_mode, ("actor-critic", "cmaes", "dagger"))):
         if value and args.algo not in algos:
-            hint = "" if "cmaes" in algos else f" (for CMA-ES: dreamenv controller {option})"
+            hint = "" if "cmaes" in algos or option == "--actor-gradient" else f" (for CMA-ES: dreamenv controller {option})"
             raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it{hint}")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
@@ -276,7 +277,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
             raise ValueError("--timesteps and --n-envs are PPO, SAC and actor-critic options: CMA-ES takes its budget from "
                              "the --config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
     elif args.algo == "actor-critic":
-        overrides.update(batch=args.n_envs, start_data=args.start_data, temperature_range=args.temperature_range)
+        overrides.update(batch=args.n_envs, start_data=args.start_data, temperature_range=args.temperature_range,
+                         actor_gradient=args.actor_gradient)
     else:
         overrides.update(n_envs=args.n_envs, start_data=args.start_data, max_steps=args.max_steps)
     settings = {**recipe.get(ALGO_TABLES[args.algo], {}), **{k: v for k, v in overrides.items() if v is not None}}
@@ -600,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],
                    help="how M's p(done) ends a dream (default sample); expected: no death is drawn, each reward is "
                         "weighted by the chance of being alive")
+    p.add_argument("--actor-gradient", choices=["reinforce", "dynamics"],
+                   help="actor-critic: reinforce (default) or dynamics: Box actions on an MDN-RNN bundle learn from the "
+                   "returns' gradient through M's steps, as DreamerV1/V2 for continuous control (with --done-mode expected)")
     p.add_argument("--obs-mode", choices=["latent", "latent_cell"],
                    help="actor-critic, cmaes, dagger: what the agent reads, latent = [z, h] (default) or latent_cell = "
                    "[z, c, h] with M's LSTM cell state (MDN-RNN bundles)")

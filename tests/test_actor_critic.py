@@ -14,13 +14,14 @@ import dreamenv
 from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, alive_weights, lambda_returns,
                                           mlp, train_actor_critic)
 from dreamenv.agents.controller import LinearController
+from dreamenv.agents.dynamics import differentiable_step, imagine_differentiably
 from dreamenv.agents.ensemble import save_ensemble
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
 from dreamenv.cli import main
 from dreamenv.compare import load_policy
 from dreamenv.data.dataset import open_rollouts
-from dreamenv.envs.dream import dream_core
+from dreamenv.envs.dream import DreamState, dream_core
 from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny
 
@@ -178,6 +179,84 @@ def test_box_policy_stays_in_bounds_and_round_trips(tiny_box: Tiny, tmp_path: Pa
         ActionHead(gym.spaces.Box(-np.inf, np.inf, (2,), np.float32))
 
 
+def test_differentiable_step_is_the_dream_step(tiny_box: Tiny) -> None:
+    """The autograd step of the dynamics gradient gives DreamCore.step's next state, reward and p(done) from the same
+    state, actions, temperatures and noise, and passes the reward's gradient back to the actions."""
+    wm = WorldModel.load(tiny_box.bundle)
+    core = dream_core(wm)
+    rng = np.random.default_rng(0)
+    start, _ = StartStates(core, None).draw(16, rng)
+    for _ in range(3):  # a few steps in, so h and c are not zero
+        start, _, _ = core.step(start, torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32)), 1.0,
+                                core.draw_noise(rng, 16))
+    start = DreamState(*(x.clone() for x in start))
+    actions = torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32))
+    tau = torch.from_numpy(rng.uniform(0.5, 1.5, 16).astype(np.float32))
+    noise = core.draw_noise(rng, 16)
+    expected_state, expected_reward, _ = core.step(start, actions, tau, noise)
+    expected_done = core.done_probability(expected_state)
+    expected_state = [x.clone() for x in expected_state]  # the core's buffers are reused by the next step
+
+    actions.requires_grad_(True)
+    state, reward, done = differentiable_step(wm, start, actions, tau, noise)
+    for got, want in zip(state, expected_state):
+        np.testing.assert_allclose(got.detach().numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reward.detach().numpy(), expected_reward, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(done.detach().numpy(), expected_done, rtol=1e-4, atol=1e-6)
+    (reward.sum() + state.z.sum()).backward()
+    assert actions.grad is not None and float(actions.grad.abs().sum()) > 0
+
+
+def test_differentiable_imagination_stops_counting_at_the_step_limit(tiny_box: Tiny) -> None:
+    wm = WorldModel.load(tiny_box.bundle)
+    wm.max_episode_steps = 5
+    core = dream_core(wm)
+    rng = np.random.default_rng(0)
+    start, _ = StartStates(core, None).draw(2, rng)
+    batch, last = imagine_differentiably(wm, DreamState(*(x.clone() for x in start)), np.array([0, 3]), 4,
+                                         lambda obs: torch.tanh(obs[:, :2]), 1.0,
+                                         [core.draw_noise(rng, 2) for _ in range(4)], "latent")
+    # Dream 0 takes steps 1..4 of its episode; dream 1 steps 4..7, so it reaches the limit (5) at its second step.
+    np.testing.assert_array_equal(batch["ended"].numpy(), [[False, False], [False, True], [False, False], [False, False]])
+    np.testing.assert_array_equal(batch["valid"].numpy(), [[True, True], [True, True], [True, False], [True, False]])
+    assert batch["obs"].shape == (4, 2, wm.z_dim + wm.hidden_size) and batch["actions"].shape == (4, 2, 2)
+    np.testing.assert_array_equal(batch["successors"][-1].detach().numpy(), torch.cat([last.z, last.h], -1).detach().numpy())
+    np.testing.assert_array_equal(batch["successors"][:-1].detach().numpy(), batch["obs"][1:].detach().numpy())
+
+
+def test_actor_critic_learns_a_box_action_through_m(tiny_box: Tiny, tmp_path: Path) -> None:
+    """actor_gradient "dynamics": the returns' gradient through M's steps moves the actor to the rewarded action, from
+    real starts and from dreams that run on across updates (and restart at the step limit, here 20 steps)."""
+    bundle = _rigged_bundle(tiny_box, tmp_path / "rigged")
+    policy = train_actor_critic(bundle, tmp_path / "ac", _small(actor_gradient="dynamics", done_mode="expected"),
+                                progress=False)
+    info = json.loads((tmp_path / "ac" / "agent.json").read_text())
+    assert info["config"]["actor_gradient"] == "dynamics" and info["starts"] == "real"
+    rewards = [h["imagined_reward"] for h in info["history"]]
+    assert rewards[-1] > 0.65 and rewards[-1] > rewards[0]
+    short = WorldModel.load(bundle)
+    short.max_episode_steps = 20
+    short.save(tmp_path / "short")
+    train_actor_critic(tmp_path / "short", tmp_path / "ac-short",
+                       _small(actor_gradient="dynamics", done_mode="expected", real_starts=False), progress=False)
+    history = json.loads((tmp_path / "ac-short" / "agent.json").read_text())["history"]
+    assert history[-1]["imagined_reward"] > 0.65
+    assert history[-1]["dream_return"] > 0.65 * 20  # whole dreams of 20 steps, counted up to the limit and no further
+    obs, _ = dreamenv.make_dream_vec(bundle, 64).reset(seed=1)
+    actions, _ = policy.predict(obs, deterministic=True)
+    assert np.mean(actions[:, 0] > 0.5) > 0.9
+
+
+def test_dynamics_gradient_refusals(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="done_mode 'expected'"):
+        ActorCriticConfig(actor_gradient="dynamics")
+    with pytest.raises(ValueError, match="actor_gradient must be"):
+        ActorCriticConfig(actor_gradient="backprop")
+    with pytest.raises(ValueError, match="needs Box actions"):
+        train_actor_critic(tiny_discrete.bundle, tmp_path / "ac", _small(actor_gradient="dynamics", done_mode="expected"),
+                           progress=False)
+
+
 def _episode_states(wm: WorldModel, rollouts: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each real episode's (z_t, h_t) for every step, computed in one go: V's means, and M's LSTM over the sequence."""
     episodes = []
@@ -317,11 +396,16 @@ def test_train_agent_actor_critic_resumes_and_scores(tiny_discrete: Tiny, tiny_b
     assert main(["compare", bundle, "--policy", str(out), "--episodes", "2", "--backend", "serial"]) == 0
     assert f"policy {out}" in capsys.readouterr().out
 
-    box = tmp_path / "box"  # a Box-action bundle trains and scores the same way, here on expected ends
+    box = tmp_path / "box"  # a Box-action bundle trains and scores the same way, here on expected ends through M
     assert main(["train-agent", str(tiny_box.bundle), "--algo", "actor-critic", "--out", str(box), "--config", str(recipe),
-                 "--n-envs", "8", "--timesteps", "40", "--done-mode", "expected"]) == 0
+                 "--n-envs", "8", "--timesteps", "40", "--done-mode", "expected", "--actor-gradient", "dynamics"]) == 0
     box_info = json.loads((box / "agent.json").read_text())
     assert box_info["starts"] == "real" and box_info["config"]["done_mode"] == "expected"
+    assert box_info["config"]["actor_gradient"] == "dynamics"
+    capsys.readouterr()
+    assert main(["train-agent", bundle, "--algo", "cmaes", "--out", str(tmp_path / "no"), "--actor-gradient", "dynamics"]) == 2
+    err = capsys.readouterr().err
+    assert "--actor-gradient is an option of actor-critic here; cmaes" in err and "dreamenv controller" not in err
     ppo = tmp_path / "ppo"  # PPO takes expected ends too (DreamVectorEnv's survival-weighted rewards)
     assert main(["train-agent", bundle, "--algo", "ppo", "--out", str(ppo), "--timesteps", "64", "--n-envs", "2",
                  "--done-mode", "expected"]) == 0

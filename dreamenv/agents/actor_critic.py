@@ -7,8 +7,10 @@ start from latent states of real episodes: the bundle's recorded rollouts, follo
 exactly as RealEnv follows the game. Without readable rollouts the dreams start from the bundle's initial-state bank
 and go on from where the last update left them, so the starts still cover whole dream episodes. A dream M ends
 restarts from the same kind of start. Lambda-returns bootstrap from a slow target critic; the critic regresses them in
-symlog space; the actor follows REINFORCE (the dream samples MDN noise, so it is not differentiated through) with
-advantages divided by max(1, EMA of the returns' 5th-95th percentile range), plus an entropy bonus. Discrete actions
+symlog space; the actor follows REINFORCE with advantages divided by max(1, EMA of the returns' 5th-95th percentile
+range), plus an entropy bonus. For Box actions on an MDN-RNN, actor_gradient "dynamics" instead backpropagates the
+lambda-returns (divided by the same range) through M's steps into the actions, as DreamerV1 and V2 do for continuous
+control (dreamenv.agents.dynamics). Discrete actions
 come from a categorical with 1% uniform mixed in, Box actions from DreamerV3's bounded normal: mean tanh(.), std in
 [0.1, 1], samples clipped to [-1, 1] and mapped linearly onto the Box's [low, high].
 """
@@ -28,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from dreamenv.agents.dynamics import check_dynamics_gradient, imagine_differentiably
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import checked_temperature_range, config_from_table
-from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
+from dreamenv.envs.dream import TRAINING_DONE_MODES, DreamState, checked_done_mode, dream_core
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
@@ -68,6 +71,7 @@ class ActorCriticConfig:
     temperature: float | None = None  # None: the bundle's default
     temperature_range: tuple[float, float] | None = None  # each dream's tau drawn uniformly from it (overrides temperature)
     done_mode: str = "sample"  # "sample" / "threshold": imagined dreams end as DreamEnv's; "expected": see the module doc
+    actor_gradient: str = "reinforce"  # "dynamics": Box actions on an MDN-RNN, returns differentiated through M (needs done_mode "expected")
     done_threshold: float = 0.5
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
     seed: int = 0
@@ -83,6 +87,11 @@ class ActorCriticConfig:
         if self.obs_mode not in ("latent", "latent_cell"):
             raise ValueError(f"obs_mode must be 'latent' or 'latent_cell' for the actor-critic, got {self.obs_mode!r}")
         checked_done_mode(self.done_mode, TRAINING_DONE_MODES)
+        if self.actor_gradient not in ("reinforce", "dynamics"):
+            raise ValueError(f"actor_gradient must be 'reinforce' or 'dynamics', got {self.actor_gradient!r}")
+        if self.actor_gradient == "dynamics" and self.done_mode != "expected":
+            raise ValueError(f"actor_gradient 'dynamics' discounts by M's p(continue) and draws no deaths, which is "
+                             f"done_mode 'expected': set it (got {self.done_mode!r})")
         self.temperature_range = checked_temperature_range(self.temperature_range)
         if self.start_data and self.real_starts is False:
             raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")
@@ -259,6 +268,38 @@ class ActorCriticPolicy:
         return cls(actor, head, read_agent_info(path))
 
 
+def actor_critic_losses(model: ActorCritic, head: ActionHead, batch: dict[str, torch.Tensor], config: ActorCriticConfig,
+                        state: dict[str, Any], dynamics: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actor's and the critic's loss on a (horizon, batch) imagined batch; updates state["return_range"].
+
+    REINFORCE (a batch without a graph): advantage x log-prob of the actions taken. Dynamics (a batch built in the
+    graph by dreamenv.agents.dynamics): the lambda-returns themselves, whose gradient runs back through M into the
+    actions. Both divide by max(1, return range) and add the entropy bonus; the critic regresses the returns in
+    symlog space.
+    """
+    next_values = symexp(model.target_critic(batch["successors"]).squeeze(-1))
+    returns = lambda_returns(batch["rewards"].float(), batch["continues"], batch["ended"], next_values, config.gamma,
+                             config.lam)
+    weights = alive_weights(batch["continues"].detach(), batch["ended"])  # all 1 with sampled ends
+    target = returns.detach()
+    counted = target.flatten()
+    if "valid" in batch:  # steps past the env's step limit count for nothing
+        weights, counted = weights * batch["valid"], target[batch["valid"]]
+    low, high = torch.quantile(counted, torch.tensor([0.05, 0.95]))
+    decay = config.return_decay if state["iteration"] else 0.0
+    state["return_range"] = decay * state["return_range"] + (1 - decay) * float(high - low)
+    scale = max(1.0, state["return_range"])
+    critic_out = model.critic(batch["obs"].detach()).squeeze(-1)
+    dist = head.distribution(model.actor(batch["obs"].detach()))
+    if dynamics:
+        objective = returns / scale
+    else:
+        objective = (target - symexp(critic_out.detach())) / scale * dist.log_prob(batch["actions"])
+    actor_loss = -(weights * (objective + config.entropy * dist.entropy())).mean()
+    critic_loss = (weights * (critic_out - symlog(target)).pow(2)).mean()
+    return actor_loss, critic_loss
+
+
 def train_actor_critic(
     bundle: str | Path, out: str | Path, config: ActorCriticConfig | None = None, progress: bool = True
 ) -> ActorCriticPolicy:
@@ -275,6 +316,10 @@ def train_actor_critic(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     obs_dim = latent_dim(wm, config.obs_mode)  # ValueError for "latent_cell" on an RSSM bundle
+    dynamics = config.actor_gradient == "dynamics"
+    if dynamics:
+        check_dynamics_gradient(wm)
+        wm.mdnrnn.requires_grad_(False)  # the gradient passes through M to the actions; M itself stays as trained
     if (out / "agent.json").is_file():
         previous = read_agent_info(out)
         check_agent_bundle(previous, wm, out)
@@ -320,14 +365,11 @@ def train_actor_critic(
                                                             "obs_mode": config.obs_mode,
                                                             **starts.info(), "config": asdict(config), "history": state["history"]})
 
-    bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
-               desc=f"actor-critic in the dream, tau={config.temperature_range or temperature}", disable=not progress)
-    while state["iteration"] < config.iterations:
-        if dream is None or bank is not None:  # with real starts, every update imagines from fresh ones (DreamerV3)
-            dream, elapsed = starts.draw(config.batch, rng)
-            tau = draw_tau(config.batch)
+    def imagine_sampled() -> dict[str, torch.Tensor]:
+        """`horizon` dream steps with actions sampled from the current actor (REINFORCE's batch); ended dreams restart."""
+        nonlocal dream
         steps = {"obs": [], "actions": [], "rewards": [], "continues": [], "ended": [], "successors": []}
-        for _ in range(config.horizon):  # imagine with the current actor
+        for _ in range(config.horizon):
             obs = core.observe(dream, config.obs_mode)
             with torch.no_grad():
                 actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
@@ -339,37 +381,52 @@ def train_actor_critic(
                 terminated = np.zeros(config.batch, bool)
             else:
                 continues = torch.from_numpy(~terminated).float()
-            elapsed += 1
+            elapsed[:] += 1
             ended = terminated | (elapsed >= wm.max_episode_steps)
             successors = core.observe(dream, config.obs_mode)
             if ended.any():  # ended dreams restart at once (their last observation is in successors)
-                rows = np.flatnonzero(ended)
-                fresh, elapsed[rows] = starts.draw(len(rows), rng)
-                if tau is not None:
-                    tau[rows] = draw_tau(len(rows))
-                with torch.inference_mode():  # the state tensors come from inference-mode steps
-                    for old, new in zip(dream, fresh):
-                        old[torch.from_numpy(rows)] = new
+                restart(np.flatnonzero(ended))
             for key, value in zip(steps, (obs, actions, rewards, continues, ended, successors)):
                 steps[key].append(torch.as_tensor(value))
-            if bank is None:  # dreams run whole episodes from their first state: their returns are dream scores
-                episode_return += rewards
+        return {key: torch.stack(values) for key, values in steps.items()}
+
+    def imagine_through_m() -> dict[str, torch.Tensor]:
+        """`horizon` dream steps in the autograd graph (the dynamics gradient's batch); dreams past the step limit
+        restart afterwards."""
+        nonlocal dream
+        batch, last = imagine_differentiably(wm, DreamState(*(x.clone() for x in dream)), elapsed, config.horizon,
+                                             lambda obs: head.distribution(model.actor(obs)).rsample(),
+                                             temperature if tau is None else torch.from_numpy(tau),
+                                             [core.draw_noise(rng, config.batch) for _ in range(config.horizon)],
+                                             config.obs_mode)
+        dream = DreamState(*(x.detach().clone() for x in last))  # the graph keeps `last`; restarts write in place
+        elapsed[:] += config.horizon
+        restart(np.flatnonzero(elapsed >= wm.max_episode_steps))
+        return batch
+
+    def restart(rows: np.ndarray) -> None:
+        """Dreams `rows` begin again from fresh starts (and, with a temperature_range, fresh temperatures)."""
+        fresh, elapsed[rows] = starts.draw(len(rows), rng)
+        if tau is not None:
+            tau[rows] = draw_tau(len(rows))
+        with torch.inference_mode():  # MDN-RNN and RSSM states come from inference-mode steps
+            for old, new in zip(dream, fresh):
+                old[torch.from_numpy(rows)] = new
+
+    bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
+               desc=f"actor-critic in the dream, tau={config.temperature_range or temperature}", disable=not progress)
+    while state["iteration"] < config.iterations:
+        if dream is None or bank is not None:  # with real starts, every update imagines from fresh ones (DreamerV3)
+            dream, elapsed = starts.draw(config.batch, rng)
+            tau = draw_tau(config.batch)
+        batch = imagine_through_m() if dynamics else imagine_sampled()
+        if bank is None:  # dreams run whole episodes from their first state: their returns are dream scores
+            rewards = batch["rewards"].detach() * batch.get("valid", 1.0)
+            for step_rewards, ended in zip(rewards.numpy(), batch["ended"].numpy()):
+                episode_return += step_rewards
                 finished.extend(episode_return[ended].tolist())
                 episode_return[ended] = 0.0
-        batch = {key: torch.stack(values) for key, values in steps.items()}
-        with torch.no_grad():
-            next_values = symexp(model.target_critic(batch["successors"]).squeeze(-1))
-            returns = lambda_returns(batch["rewards"].float(), batch["continues"], batch["ended"], next_values,
-                                     config.gamma, config.lam)
-            weights = alive_weights(batch["continues"], batch["ended"])  # all 1 with sampled ends
-            low, high = torch.quantile(returns.flatten(), torch.tensor([0.05, 0.95]))
-            decay = config.return_decay if state["iteration"] else 0.0
-            state["return_range"] = decay * state["return_range"] + (1 - decay) * float(high - low)
-        critic_out = model.critic(batch["obs"]).squeeze(-1)
-        advantage = (returns - symexp(critic_out.detach())) / max(1.0, state["return_range"])
-        dist = head.distribution(model.actor(batch["obs"]))
-        actor_loss = -(weights * (advantage * dist.log_prob(batch["actions"]) + config.entropy * dist.entropy())).mean()
-        critic_loss = (weights * (critic_out - symlog(returns)).pow(2)).mean()
+        actor_loss, critic_loss = actor_critic_losses(model, head, batch, config, state, dynamics)
         optimizer.zero_grad()
         (actor_loss + critic_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
@@ -377,10 +434,11 @@ def train_actor_critic(
         model.update_target(config.target_rate)
         state["iteration"] += 1
         bar.update(1)
-        bar.set_postfix(imagined_reward=f"{float(batch['rewards'].mean()):.3g}",
+        imagined_reward = float(batch["rewards"].detach().mean())
+        bar.set_postfix(imagined_reward=f"{imagined_reward:.3g}",
                         **({"dream_return": f"{np.mean(finished[-100:]):.1f}"} if finished else {}), refresh=False)
         if state["iteration"] % config.checkpoint_every == 0 or state["iteration"] == config.iterations:
-            state["history"].append({"iteration": state["iteration"], "imagined_reward": float(batch["rewards"].mean()),
+            state["history"].append({"iteration": state["iteration"], "imagined_reward": imagined_reward,
                                      "dream_return": float(np.mean(finished[-100:])) if finished else None})
             save()
     bar.close()
