@@ -71,7 +71,8 @@ class ActorCriticConfig:
     temperature: float | None = None  # None: the bundle's default
     temperature_range: tuple[float, float] | None = None  # each dream's tau drawn uniformly from it (overrides temperature)
     done_mode: str = "sample"  # "sample" / "threshold": imagined dreams end as DreamEnv's; "expected": see the module doc
-    actor_gradient: str = "reinforce"  # "dynamics": Box actions on an MDN-RNN, returns differentiated through M (needs done_mode "expected")
+    actor_gradient: str = "reinforce"  # "dynamics": Box actions on an MDN-RNN, the returns differentiated through M
+    # (needs done_mode "expected")
     done_threshold: float = 0.5
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
     seed: int = 0
@@ -91,7 +92,7 @@ class ActorCriticConfig:
             raise ValueError(f"actor_gradient must be 'reinforce' or 'dynamics', got {self.actor_gradient!r}")
         if self.actor_gradient == "dynamics" and self.done_mode != "expected":
             raise ValueError(f"actor_gradient 'dynamics' discounts by M's p(continue) and draws no deaths, which is "
-                             f"done_mode 'expected': set it (got {self.done_mode!r})")
+                             f"done_mode 'expected': set it (--done-mode expected; got {self.done_mode!r})")
         self.temperature_range = checked_temperature_range(self.temperature_range)
         if self.start_data and self.real_starts is False:
             raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")
