@@ -458,13 +458,14 @@ def test_actor_critic_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path, cap
     assert "--obs-mode is an option of actor-critic, cmaes, dagger here; ppo" in err and "dreamenv controller" not in err
 
 
-def test_shipped_takecover_agent_acts_in_its_envs() -> None:
-    shipped = Path(dreamenv.__file__).parent / "checkpoints" / "VizdoomTakeCover" / "agent"
+@pytest.mark.parametrize("name", ["VizdoomTakeCover", "CarRacing"])
+def test_shipped_agent_acts_in_its_envs(name: str) -> None:
+    shipped = Path(dreamenv.__file__).parent / "checkpoints" / name / "agent"
     assert sorted(p.name for p in shipped.iterdir()) == ["actor_critic.safetensors", "agent.json"]  # weights + JSON, no pickle
-    policy = dreamenv.load_agent("VizdoomTakeCover", bundle="VizdoomTakeCover")  # raises unless trained on the shipped bundle
+    policy = dreamenv.load_agent(name, bundle=name)  # raises unless trained on the shipped bundle
     assert isinstance(policy, ActorCriticPolicy)
     assert policy.info["trained_in"] == "dream" and policy.info["starts"] == "real" and policy.info["config"]["start_data"]
-    env = gym.make("Dream-VizdoomTakeCover-v0", temperature=1.0)
+    env = gym.make(f"Dream-{name}-v0", temperature=1.0)
     obs, _ = env.reset(seed=0)
     for _ in range(50):
         action, _ = policy.predict(obs, deterministic=True)
@@ -472,8 +473,8 @@ def test_shipped_takecover_agent_acts_in_its_envs() -> None:
         obs, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             obs, _ = env.reset()
-    assert isinstance(load_policy("VizdoomTakeCover", algo="actor-critic"), ActorCriticPolicy)
-    assert isinstance(load_policy("VizdoomTakeCover"), LinearController)  # the name alone is still the controller
+    assert isinstance(load_policy(name, algo="actor-critic"), ActorCriticPolicy)
+    assert isinstance(load_policy(name), LinearController)  # the name alone is still the controller
 
 
 def test_collect_with_an_actor_critic_agent(tiny_discrete: Tiny, tmp_path: Path) -> None:
