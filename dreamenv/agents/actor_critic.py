@@ -71,8 +71,7 @@ class ActorCriticConfig:
     temperature: float | None = None  # None: the bundle's default
     temperature_range: tuple[float, float] | None = None  # each dream's tau drawn uniformly from it (overrides temperature)
     done_mode: str = "sample"  # "sample" / "threshold": imagined dreams end as DreamEnv's; "expected": see the module doc
-    actor_gradient: str = "reinforce"  # "dynamics": Box actions on an MDN-RNN, the returns differentiated through M
-    # (needs done_mode "expected")
+    actor_gradient: str = "reinforce"  # or "dynamics": returns differentiated through M (Box, MDN-RNN, expected ends)
     done_threshold: float = 0.5
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
     seed: int = 0
