@@ -1,39 +1,71 @@
-"""Score controllers in each other's dreams: does another world model agree with the one a controller was trained in?
+"""Score controllers and agents in each other's dreams: does another world model agree with the one they trained in?
 
     python examples/cross_dream.py --bundles runs/carracing/road-round3/bundle runs/carracing/g-round5/bundle \
-        --controllers runs/carracing/road-round3/controller-g120 runs/carracing/g-round5/controller
+        --controllers runs/carracing/road-round3/controller-g120 runs/carracing/g-round5/controller \
+        --agents runs/car4/dyn-s1 runs/car4/rfx-s1 --actual runs/car4/ctl-g120.json runs/car4/g5.json runs/car4/dyn-s1.json runs/car4/rfx-s1.json
 
-Every controller drives 100 dreams (tau 1.0 unless --temperatures) of every bundle, on the same dream seeds. A
-controller reads [z, h] from whichever M dreams it, so this only makes sense for bundles that share V and whose
-M's descend from one another (the rounds of `dreamenv iterate`); the usual check that a controller belongs to its
-bundle is skipped on purpose. If the dreams disagree about a controller that its own dream overrates, their
-disagreement could pick controllers without the game.
+Every policy drives 100 dreams (tau 1.0 unless --temperatures) of every bundle, on the same dream seeds. A policy
+reads [z, h] from whichever M dreams it, so this only makes sense for bundles that share V and whose M's descend from
+one another (the rounds of `dreamenv iterate`, M fine-tuned from a shipped one); the usual check that a policy belongs
+to its bundle is skipped on purpose. If a dream ranks the policies as the game does, it could pick among them (a
+training seed, a stopping point) without the game. With --actual (one `dreamenv compare --json` per policy, controllers
+first, on the same real seeds) each dream's Spearman rank correlation with the game is printed.
 """
 import argparse
+import json
 
 import numpy as np
+import torch
 
 from dreamenv.agents.controller import LinearController, dream_returns
-from dreamenv.registry import load_world_model
+from dreamenv.agents.saved import load_agent
+from dreamenv.registry import load_world_model, resolve_controller
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation of two score lists (ties broken by order: scores here are means of 100 dreams)."""
+    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+
+
+def agent_policy(path: str):
+    """A `dreamenv train-agent` directory as dream_returns' policy(obs, rows), its deterministic action."""
+    agent = load_agent(path)
+
+    def act(obs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(agent.predict(obs, deterministic=True)[0])
+    return act
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundles", nargs="+", required=True)
-    parser.add_argument("--controllers", nargs="+", required=True)
+    parser.add_argument("--controllers", nargs="*", default=[])
+    parser.add_argument("--agents", nargs="*", default=[], help="dreamenv train-agent directories (latent observations)")
+    parser.add_argument("--actual", nargs="*", default=[], help="a compare JSON per policy, controllers first")
     parser.add_argument("--temperatures", default="1.0", help="comma-separated dream temperatures")
     parser.add_argument("--episodes", type=int, default=100)
     args = parser.parse_args()
+    names = args.controllers + args.agents
+    if args.actual and len(args.actual) != len(names):
+        parser.error(f"--actual needs one compare JSON per policy ({len(names)}), got {len(args.actual)}")
     temperatures = [float(t) for t in args.temperatures.split(",")]
-    controllers = [LinearController.load(path) for path in args.controllers]
-    print("| dream (bundle) | controller | " + " | ".join(f"tau {t}" for t in temperatures) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in temperatures) + " |")
+    policies = [(lambda c: lambda obs, rows: c.act(obs))(LinearController.load(resolve_controller(p))) for p in args.controllers]
+    policies += [agent_policy(path) for path in args.agents]
+    actual = [json.load(open(path))["actual"]["mean"] for path in args.actual]
+    head = " | ".join(f"tau {t}" for t in temperatures)
+    print("| dream (bundle) | policy | " + head + (" | actual |" if actual else " |"))
+    print("| --- | --- | " + " | ".join("---" for _ in temperatures) + (" | --- |" if actual else " |"))
     for bundle in args.bundles:
         world_model = load_world_model(bundle)
-        for path, controller in zip(args.controllers, controllers):
-            means = [dream_returns(world_model, lambda obs, rows: controller.act(obs), args.episodes, tau,
-                                   np.random.default_rng(0))[0].mean() for tau in temperatures]
-            print(f"| {bundle} | {path} | " + " | ".join(f"{m:.1f}" for m in means) + " |", flush=True)
+        means = np.array([[dream_returns(world_model, policy, args.episodes, tau, np.random.default_rng(0))[0].mean()
+                           for tau in temperatures] for policy in policies])
+        for i, name in enumerate(names):
+            row = " | ".join(f"{m:.1f}" for m in means[i])
+            print(f"| {bundle} | {name} | {row}" + (f" | {actual[i]:.1f} |" if actual else " |"), flush=True)
+        if actual:
+            rhos = " | ".join(f"{spearman(means[:, j], np.array(actual)):.2f}" for j in range(len(temperatures)))
+            print(f"| {bundle} | Spearman rank correlation with the game | {rhos} | |", flush=True)
 
 
 if __name__ == "__main__":
