@@ -353,7 +353,9 @@ def _interval(ci: list[float]) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """Markdown table of a compare() (or evaluate()) result: one row per temperature, mean +- std and 95% CIs."""
+    """Markdown table of a compare() (or evaluate()) result: one row per temperature, mean +- std and 95% CIs, and
+    the mean action in each (a policy that acts otherwise in the game than in its dream meets states the dream never
+    showed it)."""
     actual = result.get("actual")
     actual_text = f"{actual['mean']:.1f} +- {actual['std']:.1f}" if actual else "n/a"
     actual_ci = _interval(actual["ci95"]) if actual else "n/a"
@@ -361,13 +363,23 @@ def markdown_table(result: dict[str, Any]) -> str:
     seed_text = f", seeds {seed}..{seed + result['episodes'] - 1} in both" if seed is not None else ""
     lines = [f"{result['env_id']}, policy {result.get('policy', result.get('controller', '?'))}: "
              f"{result['episodes']} episodes each{seed_text}; mean +- std, and bootstrap 95% CI of the mean", "",
-             "| tau | virtual score | actual score | virtual 95% CI | actual 95% CI | virtual - actual (paired), 95% CI |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| tau | virtual score | actual score | virtual 95% CI | actual 95% CI | virtual - actual (paired), 95% CI "
+             "| mean action, virtual / actual |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for tau, v in result["virtual"].items():
         gap = result.get("gap", {}).get(tau)
         gap_text = f"{gap['mean']:.1f} {_interval(gap['ci95'])}" if gap else "n/a"
-        lines.append(f"| {tau} | {v['mean']:.1f} +- {v['std']:.1f} | {actual_text} | {_interval(v['ci95'])} | {actual_ci} | {gap_text} |")
+        actions = f"{_action_text(v)} / {_action_text(actual)}"
+        lines.append(f"| {tau} | {v['mean']:.1f} +- {v['std']:.1f} | {actual_text} | {_interval(v['ci95'])} | {actual_ci} | {gap_text} "
+                     f"| {actions} |")
     return "\n".join(lines)
+
+
+def _action_text(summary: dict[str, Any] | None) -> str:
+    """A score summary's mean action (M's encoding: the values of a Box, the frequencies of a Discrete), or n/a."""
+    if not summary or "action_mean" not in summary:
+        return "n/a"
+    return "(" + ", ".join(f"{a:.2f}" for a in summary["action_mean"]) + ")"
 
 
 def new_figure(path: str | Path, **figure_kwargs: Any) -> tuple[Any, Path]:

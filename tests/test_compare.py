@@ -162,10 +162,10 @@ def test_markdown_and_plot(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pyt
         gap = result["gap"][tau]
         row = (f"| {tau} | {v['mean']:.1f} +- {v['std']:.1f} | {actual['mean']:.1f} +- {actual['std']:.1f} | "
                f"[{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}] | [{actual['ci95'][0]:.1f}, {actual['ci95'][1]:.1f}] | "
-               f"{gap['mean']:.1f} [{gap['ci95'][0]:.1f}, {gap['ci95'][1]:.1f}] |")
-        assert row in table
+               f"{gap['mean']:.1f} [{gap['ci95'][0]:.1f}, {gap['ci95'][1]:.1f}] | (0.00, 0.00, 1.00) / (0.00, 0.00, 1.00) |")
+        assert row in table  # always action 2 of Discrete(3): its frequency is 1 in the dream and in the game
     dream_only = dreamenv.compare(always_two, tiny_discrete.bundle, [0.5], episodes=2, real=False, progress=False)
-    assert "n/a" in dream_only.markdown()
+    assert "| n/a | n/a | (0.00, 0.00, 1.00) / n/a |" in dream_only.markdown()
 
     path = result.plot(tmp_path / "plots" / "compare.png")
     assert path.read_bytes()[:8] == PNG
