@@ -1,8 +1,7 @@
 """Score controllers and agents in each other's dreams: does another world model agree with the one they trained in?
 
-    python examples/cross_dream.py --bundles runs/carracing/road-round3/bundle runs/carracing/g-round5/bundle \
-        --controllers runs/carracing/road-round3/controller-g120 runs/carracing/g-round5/controller \
-        --agents runs/car4/dyn-s1 runs/car4/rfx-s1 --actual runs/car4/ctl-g120.json runs/car4/g5.json runs/car4/dyn-s1.json runs/car4/rfx-s1.json
+    python examples/cross_dream.py --bundles CarRacing runs/car5/m --controllers CarRacing \
+        --agents runs/car4/dyn-s1 runs/car4/rfx-s1 --actual runs/car4/ctl.json runs/car4/dyn-s1.json runs/car4/rfx-s1.json
 
 Every policy drives 100 dreams (tau 1.0 unless --temperatures) of every bundle, on the same dream seeds. A policy
 reads [z, h] from whichever M dreams it, so this only makes sense for bundles that share V and whose M's descend from
@@ -13,6 +12,8 @@ first, on the same real seeds) each dream's Spearman rank correlation with the g
 """
 import argparse
 import json
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +28,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
 
 
-def agent_policy(path: str):
+Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def controller_policy(path: str) -> Policy:
+    """A controller directory or shipped name as dream_returns' policy(obs, rows)."""
+    controller = LinearController.load(resolve_controller(path))
+    return lambda obs, rows: controller.act(obs)
+
+
+def agent_policy(path: str) -> Policy:
     """A `dreamenv train-agent` directory as dream_returns' policy(obs, rows), its deterministic action."""
     agent = load_agent(path)
 
@@ -50,9 +60,8 @@ def main() -> None:
     if args.actual and len(args.actual) != len(names):
         parser.error(f"--actual needs one compare JSON per policy ({len(names)}), got {len(args.actual)}")
     temperatures = [float(t) for t in args.temperatures.split(",")]
-    policies = [(lambda c: lambda obs, rows: c.act(obs))(LinearController.load(resolve_controller(p))) for p in args.controllers]
-    policies += [agent_policy(path) for path in args.agents]
-    actual = [json.load(open(path))["actual"]["mean"] for path in args.actual]
+    policies = [controller_policy(path) for path in args.controllers] + [agent_policy(path) for path in args.agents]
+    actual = [json.loads(Path(path).read_text())["actual"]["mean"] for path in args.actual]
     head = " | ".join(f"tau {t}" for t in temperatures)
     print("| dream (bundle) | policy | " + head + (" | actual |" if actual else " |"))
     print("| --- | --- | " + " | ".join("---" for _ in temperatures) + (" | --- |" if actual else " |"))
