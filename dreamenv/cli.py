@@ -239,7 +239,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from dreamenv.compare import compare
 
     result = compare(args.policy, args.bundle, args.temperatures, args.episodes, args.seed, args.backend, args.workers,
-                     algo=args.algo, real=not args.no_real, done_mode=args.done_mode, done_threshold=args.done_threshold)
+                     algo=args.algo, real=not args.no_real, done_mode=args.done_mode, done_threshold=args.done_threshold,
+                     deterministic=not args.stochastic)
     table = result.markdown()
     print(table)
     if args.json:
@@ -570,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="real-env backend")
     p.add_argument("--workers", type=int, default=2, help="real-env workers (default 2)")
     p.add_argument("--no-real", action="store_true", help="score in the dream only")
+    p.add_argument("--stochastic", action="store_true",
+                   help="sample the policy's actions (predict(obs, deterministic=False)), seeded per episode")
     p.add_argument("--done-mode", default="sample", choices=["sample", "threshold"], help="how M's p(done) ends a dream (default sample)")
     p.add_argument("--done-threshold", type=float, default=0.5, help="with --done-mode threshold: end when p(done) exceeds this")
     p.add_argument("--json", help="also write the results (with per-episode scores) to this JSON file")

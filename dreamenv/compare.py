@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.error import DependencyNotInstalled
 from tqdm.auto import tqdm
 
@@ -89,10 +90,10 @@ def check_policy(policy: Any, world_model: WorldModel, obs_mode: str) -> None:
                              "it was trained on another world model or observation mode")
 
 
-def batch_actions(policy: Any, obs: np.ndarray) -> np.ndarray:
-    """Actions for a batch of observations: policy.predict(obs, deterministic=True)[0], else policy(o) for each o."""
+def batch_actions(policy: Any, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+    """Actions for a batch of observations: policy.predict(obs, deterministic=...)[0], else policy(o) for each o."""
     if callable(getattr(policy, "predict", None)):
-        actions, _ = policy.predict(obs, deterministic=True)
+        actions, _ = policy.predict(obs, deterministic=deterministic)
         return np.asarray(actions)
     return np.asarray([policy(o) for o in obs])
 
@@ -174,9 +175,10 @@ class Episodes:
 
 def dream_episodes(
     policy: Any, bundle: str | Path, episodes: int, temperature: float, seed: int, obs_mode: str = "latent",
-    done_mode: str = "sample", done_threshold: float = 0.5, progress: bool = False,
+    done_mode: str = "sample", done_threshold: float = 0.5, progress: bool = False, deterministic: bool = True,
 ) -> Episodes:
-    """Play `episodes` dreams as one batch until each ends once; dream i is DreamEnv reset with seed + i."""
+    """Play `episodes` dreams as one batch until each ends once; dream i is DreamEnv reset with seed + i. A stochastic
+    policy (deterministic=False) samples with torch's generator seeded by `seed`, so a rerun gives the same scores."""
     from dreamenv.envs.vector import DreamVectorEnv
 
     env = DreamVectorEnv(episodes, bundle, temperature=temperature, obs_mode=obs_mode, done_mode=done_mode,
@@ -186,9 +188,11 @@ def dream_episodes(
     action_sum = np.zeros(action_dim(wm.action_space))
     running = np.ones(episodes, bool)
     obs, _ = env.reset(seed=seed)
+    if not deterministic:
+        torch.manual_seed(seed)
     with tqdm(total=env.max_episode_steps, desc=f"dream tau={temperature:g}", unit="step", leave=False, disable=not progress) as bar:
         while running.any():
-            acting = batch_actions(policy, obs[running])
+            acting = batch_actions(policy, obs[running], deterministic)
             actions = np.repeat(acting[:1], episodes, axis=0)  # finished dreams get any valid action; it is ignored
             actions[running] = acting
             obs, rewards, terminated, truncated, _ = env.step(actions)  # checks the actions
@@ -209,10 +213,12 @@ class RealTask:
     policy: SavedPolicy | SB3Zip | PolicyObject
     seeds: tuple[int, ...]
     obs_mode: str
+    deterministic: bool = True
 
 
 def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
-    """Worker: play the policy in RealEnv once per seed; (seed, return, length, action sum) per episode."""
+    """Worker: play the policy in RealEnv once per seed; (seed, return, length, action sum) per episode. A stochastic
+    policy samples with torch's generator seeded by the episode's seed, so each episode is reproducible alone."""
     from dreamenv.envs.real import RealEnv
 
     policy = task.policy.load()
@@ -222,10 +228,12 @@ def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
     try:
         for seed in task.seeds:
             obs, _ = env.reset(seed=seed)
+            if not task.deterministic:
+                torch.manual_seed(seed)
             total, length, done = 0.0, 0, False
             action_sum = np.zeros(action_dim(wm.action_space))
             while not done and length < wm.max_episode_steps:
-                action = batch_actions(policy, obs[None])[0]
+                action = batch_actions(policy, obs[None], task.deterministic)[0]
                 obs, reward, terminated, truncated, _ = env.step(action)  # checks the action
                 action_sum += wm.encode_actions(action[None])[0].numpy()
                 total += reward
@@ -239,12 +247,13 @@ def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
 
 def actual_episodes(
     bundle: str | Path, policy: SavedPolicy | SB3Zip | PolicyObject, episodes: int, seed: int = 0, obs_mode: str = "latent",
-    backend: str = "process", workers: int = 2, progress: bool = True,
+    backend: str = "process", workers: int = 2, progress: bool = True, deterministic: bool = True,
 ) -> Episodes:
     """Play `episodes` real episodes (episode i with seed + i), spread over the evaluator's workers."""
     seeds = list(range(seed, seed + episodes))
     chunk = max(1, min(8, -(-episodes // (2 * workers))))
-    tasks = [RealTask(str(resolve_bundle(bundle)), policy, tuple(seeds[i : i + chunk]), obs_mode) for i in range(0, episodes, chunk)]
+    tasks = [RealTask(str(resolve_bundle(bundle)), policy, tuple(seeds[i : i + chunk]), obs_mode, deterministic)
+             for i in range(0, episodes, chunk)]
     by_seed: dict[int, tuple[float, int, np.ndarray]] = {}
     with tqdm(total=episodes, desc="real episodes", unit="ep", disable=not progress) as bar:
         for results in run_tasks(real_episodes, tasks, backend=backend, workers=workers):
@@ -310,6 +319,7 @@ def compare(
     done_mode: str = "sample",
     done_threshold: float = 0.5,
     progress: bool = True,
+    deterministic: bool = True,
 ) -> Comparison:
     """Score any policy in the dream (at each temperature) and in the real game, episode i with seed + i in both.
 
@@ -318,6 +328,8 @@ def compare(
     temperatures: dream temperatures (default: the bundle's). The process and Ray backends need the policy in
     their workers: SB3 models travel as their zip, paths are loaded there, anything else must pickle.
     obs_mode: what the policy sees in both envs; None takes a controller's own ("latent" or "latent_cell"), else "latent".
+    deterministic: passed to predict, as in SB3's evaluate_policy; False samples the policy's actions (seeded per
+    episode, so the scores are reproducible). A callable is called as it is either way.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -330,14 +342,15 @@ def compare(
         raise ValueError("temperatures is empty: give at least one dream temperature (or None for the bundle's)")
     result = Comparison({
         "env_id": wm.env_id, "bundle": str(resolve_bundle(bundle)), "policy": describe(policy), "episodes": episodes,
-        "seed": seed, "obs_mode": obs_mode, "done_mode": done_mode, "done_threshold": done_threshold, "virtual": {},
+        "seed": seed, "obs_mode": obs_mode, "deterministic": deterministic, "done_mode": done_mode, "done_threshold": done_threshold, "virtual": {},
     })
     shipped = portable_policy(policy, loaded, algo, backend) if real else None  # fails before any episode runs
     for tau in temperatures:
-        dreamed = dream_episodes(loaded, bundle, episodes, tau, seed, obs_mode, done_mode, done_threshold, progress)
+        dreamed = dream_episodes(loaded, bundle, episodes, tau, seed, obs_mode, done_mode, done_threshold, progress,
+                                 deterministic)
         result["virtual"][f"{tau:g}"] = score_summary(dreamed)
     if shipped is not None:
-        actual = actual_episodes(bundle, shipped, episodes, seed, obs_mode, backend, workers, progress)
+        actual = actual_episodes(bundle, shipped, episodes, seed, obs_mode, backend, workers, progress, deterministic)
         result["actual"] = score_summary(actual)
         result["gap"] = {}
         for tau, virtual in result["virtual"].items():
@@ -361,8 +374,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     actual_ci = _interval(actual["ci95"]) if actual else "n/a"
     seed = result.get("seed")
     seed_text = f", seeds {seed}..{seed + result['episodes'] - 1} in both" if seed is not None else ""
+    sampled_text = ", actions sampled (deterministic=False)" if result.get("deterministic") is False else ""
     lines = [f"{result['env_id']}, policy {result.get('policy', result.get('controller', '?'))}: "
-             f"{result['episodes']} episodes each{seed_text}; mean +- std, and bootstrap 95% CI of the mean", "",
+             f"{result['episodes']} episodes each{seed_text}{sampled_text}; mean +- std, and bootstrap 95% CI of the mean", "",
              "| tau | virtual score | actual score | virtual 95% CI | actual 95% CI | virtual - actual (paired), 95% CI "
              "| mean action, virtual / actual |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

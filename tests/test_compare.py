@@ -8,6 +8,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.error import DependencyNotInstalled
 from PIL import Image
 from stable_baselines3 import PPO
@@ -100,6 +101,28 @@ def test_sb3_model_reaches_process_workers_as_its_zip(tiny_discrete: Tiny) -> No
     process = dreamenv.compare(model, tiny_discrete.bundle, [1.0], episodes=4, backend="process", workers=1, progress=False)
     assert process["actual"] == serial["actual"]  # same episodes and the same observation-dependent actions
     assert process["virtual"] == serial["virtual"]
+
+
+class CoinPolicy:
+    """Action 2 when deterministic; otherwise an action drawn with torch's generator, as a sampled actor's would be."""
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> tuple[np.ndarray, None]:
+        if deterministic:
+            return np.full(len(obs), 2), None
+        return torch.randint(0, 3, (len(obs),)).numpy(), None
+
+
+def test_stochastic_compare_samples_and_is_seeded_per_episode(tiny_discrete: Tiny) -> None:
+    kwargs = {"temperatures": [1.0], "episodes": 6, "seed": 5, "progress": False}
+    mode = dreamenv.compare(CoinPolicy(), tiny_discrete.bundle, backend="serial", **kwargs)
+    sampled = dreamenv.compare(CoinPolicy(), tiny_discrete.bundle, backend="serial", deterministic=False, **kwargs)
+    again = dreamenv.compare(CoinPolicy(), tiny_discrete.bundle, backend="process", workers=2, deterministic=False, **kwargs)
+    assert mode["actual"]["action_mean"] == [0.0, 0.0, 1.0] and mode["virtual"]["1"]["action_mean"] == [0.0, 0.0, 1.0]
+    for source in (sampled["actual"], sampled["virtual"]["1"]):
+        assert min(source["action_mean"]) > 0.1  # all three actions were drawn
+    assert again["actual"] == sampled["actual"] and again["virtual"] == sampled["virtual"]  # the same draws in any worker
+    assert sampled["deterministic"] is False and mode["deterministic"] is True
+    assert "actions sampled" in markdown_table(sampled) and "actions sampled" not in markdown_table(mode)
 
 
 def test_bad_policies_fail_before_any_episode(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path) -> None:
@@ -196,7 +219,9 @@ def test_cli_compare_writes_json_markdown_and_plot(tiny_discrete: Tiny, tmp_path
     result = json.loads(files["json"].read_text())
     assert set(result["virtual"]) == {"0.5", "1.2"} and result["actual"]["lengths"] == _game_lengths(tiny_discrete.env_id, range(4, 7))
     assert files["markdown"].read_text().strip() in out and "| 1.2 |" in out
-    assert files["plot"].read_bytes()[:8] == PNG
+    assert files["plot"].read_bytes()[:8] == PNG and result["deterministic"] is True
+    assert main([*argv, "--stochastic"]) == 0
+    assert json.loads(files["json"].read_text())["deterministic"] is False
     assert main(["compare", str(tiny_discrete.bundle), "--policy", str(tmp_path / "nope"), "--no-real"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dreamenv compare: error:") and "nope" in err[0]
