@@ -221,6 +221,7 @@ def test_cli_compare_writes_json_markdown_and_plot(tiny_discrete: Tiny, tmp_path
     assert files["markdown"].read_text().strip() in out and "| 1.2 |" in out
     assert files["plot"].read_bytes()[:8] == PNG and result["deterministic"] is True
     assert main([*argv, "--stochastic"]) == 0
+    capsys.readouterr()
     assert json.loads(files["json"].read_text())["deterministic"] is False
     assert main(["compare", str(tiny_discrete.bundle), "--policy", str(tmp_path / "nope"), "--no-real"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
