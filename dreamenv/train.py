@@ -22,7 +22,7 @@ from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.data.dataset import EpisodeData, iterate_frame_batches, open_rollouts, sequence_batches, split_episode_ids
 from dreamenv.data.sources import make_source_env
 from dreamenv.metrics import DoneScores
-from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll
+from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll, sample_mdn
 from dreamenv.models.vae import ConvVAE, VAEConfig, frames_to_tensor, vae_loss
 from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
@@ -112,13 +112,28 @@ def vae_heldout_loss(vae: ConvVAE, frames: np.ndarray, kl_tolerance: float, batc
     return {"reconstruction": rec_sum / n, "kl": kl_sum / n, "frames": len(frames)}
 
 
+@torch.no_grad()
+def scheduled_inputs(model: MDNRNN, z: torch.Tensor, actions: torch.Tensor, probability: float) -> torch.Tensor:
+    """Parallel scheduled sampling (Duckworth et al. 2019): a first, teacher-forced pass draws M's own z_{t+1} at
+    tau 1, and each input z_t after the first is replaced by that draw with `probability`, so that M learns from
+    inputs like those it feeds itself in a dream, against the data's targets."""
+    out, _ = model(z, actions)
+    drawn = sample_mdn(out, 1.0, torch.rand(z.shape), torch.randn(z.shape))  # drawn[:, t] stands for z_{t+1}
+    swap = torch.rand(z.shape[:2]) < probability
+    swap[:, 0] = False
+    return torch.where(swap.unsqueeze(-1), torch.cat([z[:, :1], drawn[:, :-1]], dim=1), z)
+
+
 def _mdnrnn_losses(
     model: MDNRNN, batch: dict[str, torch.Tensor], config: MDNRNNConfig, pos_weight: float, sample: bool
 ) -> dict[str, torch.Tensor]:
     z = batch["mu"]
     if sample:
         z = z + torch.randn_like(z) * torch.exp(0.5 * batch["logvar"])
-    out, _ = model(z[:, :-1], batch["actions"])
+    inputs = z[:, :-1]
+    if config.scheduled_sampling > 0:
+        inputs = scheduled_inputs(model, inputs, batch["actions"], config.scheduled_sampling)
+    out, _ = model(inputs, batch["actions"])
     step_mask, next_mask = batch["step_mask"], batch["next_mask"]
     nll = (mdn_nll(out, z[:, 1:]) * next_mask).sum() / next_mask.sum().clamp(min=1)
     reward = ((out.reward - batch["rewards"]).pow(2) * step_mask).sum() / step_mask.sum()

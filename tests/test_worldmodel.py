@@ -288,3 +288,41 @@ def test_vae_trains_on_from_another_bundles_v(tiny_discrete: Tiny, tmp_path: Pat
     wider.vae.z_dim = 8
     with pytest.raises(ValueError, match="--z-dim 4"):
         train_world_model(tiny.rollouts, tmp_path / "wider", wider, progress=False, vae_init_from=tiny.bundle)
+
+
+def _m_that_always_predicts(value: float) -> "dreamenv.models.mdnrnn.MDNRNN":
+    """An M whose mixture puts all its mass at z = value in every dim, whatever it reads."""
+    from dreamenv.models.mdnrnn import MDNRNN
+
+    model = MDNRNN(z_dim=4, action_dim=3, hidden_size=8, num_gaussians=2)
+    with torch.no_grad():
+        model.mdn.weight.zero_()
+        bias = model.mdn.bias.view(4, 3, 2)  # per dim: logits, means, log-sigmas of the 2 components
+        bias[:, 0], bias[:, 1], bias[:, 2] = 0.0, value, -8.0
+    return model
+
+
+def test_scheduled_sampling_feeds_m_its_own_draws() -> None:
+    from dreamenv.train import scheduled_inputs
+
+    model = _m_that_always_predicts(7.0)
+    z, actions = torch.randn(64, 10, 4), torch.zeros(64, 10, 3)
+    torch.testing.assert_close(scheduled_inputs(model, z, actions, 0.0), z)
+    swapped = scheduled_inputs(model, z, actions, 1.0)
+    torch.testing.assert_close(swapped[:, 0], z[:, 0])  # the first input has no draw before it
+    torch.testing.assert_close(swapped[:, 1:], torch.full_like(z[:, 1:], 7.0), atol=1e-2, rtol=0)
+    half = scheduled_inputs(model, z, actions, 0.5)
+    own = (half[:, 1:] - 7.0).abs().amax(-1) < 1e-2
+    kept = (half[:, 1:] == z[:, 1:]).all(-1)
+    assert bool((own ^ kept).all()) and 0.4 < own.float().mean().item() < 0.6  # each input whole, about half swapped
+    with pytest.raises(ValueError, match="scheduled_sampling"):
+        dreamenv.train.MDNRNNConfig(scheduled_sampling=1.5)
+
+
+def test_m_trains_with_scheduled_sampling(tiny: Tiny, tmp_path: Path) -> None:
+    config = tiny_train_config()
+    teacher_forced = train_world_model([tiny.rollouts], tmp_path / "tf", config, vae_from=tiny.bundle, progress=False)
+    config.mdnrnn.scheduled_sampling = 0.5
+    scheduled = train_world_model([tiny.rollouts], tmp_path / "ss", config, vae_from=tiny.bundle, progress=False)
+    assert json.dumps(read_manifest(tmp_path / "ss")).count('"scheduled_sampling": 0.5') == 1  # the recipe records it
+    assert not torch.equal(scheduled.mdnrnn.lstm.weight_hh_l0, teacher_forced.mdnrnn.lstm.weight_hh_l0)

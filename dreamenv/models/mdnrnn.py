@@ -26,6 +26,11 @@ class MDNRNNConfig:
     reward_weight: float = 1.0
     done_weight: float = 1.0
     done_pos_weight: float | None = None  # None: weight terminal steps by (#non-terminal / #terminal)
+    scheduled_sampling: float = 0.0  # chance each input z_t (t > 0) is M's own draw instead of the data's (0: the paper)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scheduled_sampling <= 1.0:
+            raise ValueError(f"scheduled_sampling is a probability in [0, 1], got {self.scheduled_sampling}")
 
 
 class MDNOutput(NamedTuple):
