@@ -342,7 +342,8 @@ def compare(
         raise ValueError("temperatures is empty: give at least one dream temperature (or None for the bundle's)")
     result = Comparison({
         "env_id": wm.env_id, "bundle": str(resolve_bundle(bundle)), "policy": describe(policy), "episodes": episodes,
-        "seed": seed, "obs_mode": obs_mode, "deterministic": deterministic, "done_mode": done_mode, "done_threshold": done_threshold, "virtual": {},
+        "seed": seed, "obs_mode": obs_mode, "deterministic": deterministic, "done_mode": done_mode,
+        "done_threshold": done_threshold, "virtual": {},
     })
     shipped = portable_policy(policy, loaded, algo, backend) if real else None  # fails before any episode runs
     for tau in temperatures:
@@ -376,7 +377,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     seed_text = f", seeds {seed}..{seed + result['episodes'] - 1} in both" if seed is not None else ""
     sampled_text = ", actions sampled (deterministic=False)" if result.get("deterministic") is False else ""
     lines = [f"{result['env_id']}, policy {result.get('policy', result.get('controller', '?'))}: "
-             f"{result['episodes']} episodes each{seed_text}{sampled_text}; mean +- std, and bootstrap 95% CI of the mean", "",
+             f"{result['episodes']} episodes each{seed_text}{sampled_text}; mean +- std, and bootstrap 95% CI of the mean",
+             "",
              "| tau | virtual score | actual score | virtual 95% CI | actual 95% CI | virtual - actual (paired), 95% CI "
              "| mean action, virtual / actual |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
