@@ -5,6 +5,7 @@ batch by DreamVectorEnv), real episode i is the game reset with it (spread over 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import io
@@ -12,7 +13,7 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import gymnasium as gym
 import numpy as np
@@ -88,6 +89,18 @@ def check_policy(policy: Any, world_model: WorldModel, obs_mode: str) -> None:
         if isinstance(own, gym.Space) and own != space:
             raise ValueError(f"the policy's {name} {own} differs from this bundle's {space} (obs_mode={obs_mode!r}): "
                              "it was trained on another world model or observation mode")
+
+
+@contextlib.contextmanager
+def sampling_seed(seed: int, deterministic: bool) -> Iterator[None]:
+    """For a sampled policy (deterministic=False), torch's generator seeded with `seed` inside the block and the
+    caller's state restored after it; nothing happens for a deterministic one."""
+    if deterministic:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def batch_actions(policy: Any, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
@@ -188,9 +201,8 @@ def dream_episodes(
     action_sum = np.zeros(action_dim(wm.action_space))
     running = np.ones(episodes, bool)
     obs, _ = env.reset(seed=seed)
-    if not deterministic:
-        torch.manual_seed(seed)
-    with tqdm(total=env.max_episode_steps, desc=f"dream tau={temperature:g}", unit="step", leave=False, disable=not progress) as bar:
+    with sampling_seed(seed, deterministic), tqdm(total=env.max_episode_steps, desc=f"dream tau={temperature:g}",
+                                                   unit="step", leave=False, disable=not progress) as bar:
         while running.any():
             acting = batch_actions(policy, obs[running], deterministic)
             actions = np.repeat(acting[:1], episodes, axis=0)  # finished dreams get any valid action; it is ignored
@@ -228,17 +240,16 @@ def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
     try:
         for seed in task.seeds:
             obs, _ = env.reset(seed=seed)
-            if not task.deterministic:
-                torch.manual_seed(seed)
             total, length, done = 0.0, 0, False
             action_sum = np.zeros(action_dim(wm.action_space))
-            while not done and length < wm.max_episode_steps:
-                action = batch_actions(policy, obs[None], task.deterministic)[0]
-                obs, reward, terminated, truncated, _ = env.step(action)  # checks the action
-                action_sum += wm.encode_actions(action[None])[0].numpy()
-                total += reward
-                length += 1
-                done = terminated or truncated
+            with sampling_seed(seed, task.deterministic):
+                while not done and length < wm.max_episode_steps:
+                    action = batch_actions(policy, obs[None], task.deterministic)[0]
+                    obs, reward, terminated, truncated, _ = env.step(action)  # checks the action
+                    action_sum += wm.encode_actions(action[None])[0].numpy()
+                    total += reward
+                    length += 1
+                    done = terminated or truncated
             results.append((seed, total, length, action_sum))
     finally:
         env.close()

@@ -115,7 +115,11 @@ class CoinPolicy:
 def test_stochastic_compare_samples_and_is_seeded_per_episode(tiny_discrete: Tiny) -> None:
     kwargs = {"temperatures": [1.0], "episodes": 6, "seed": 5, "progress": False}
     mode = dreamenv.compare(CoinPolicy(), tiny_discrete.bundle, backend="serial", **kwargs)
+    torch.manual_seed(123)
     sampled = dreamenv.compare(CoinPolicy(), tiny_discrete.bundle, backend="serial", deterministic=False, **kwargs)
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(4))  # the caller's torch generator is left as it was
     again = dreamenv.compare(CoinPolicy(), tiny_discrete.bundle, backend="process", workers=2, deterministic=False, **kwargs)
     assert mode["actual"]["action_mean"] == [0.0, 0.0, 1.0] and mode["virtual"]["1"]["action_mean"] == [0.0, 0.0, 1.0]
     for source in (sampled["actual"], sampled["virtual"]["1"]):
