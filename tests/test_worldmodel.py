@@ -319,10 +319,14 @@ def test_scheduled_sampling_feeds_m_its_own_draws() -> None:
         dreamenv.train.MDNRNNConfig(scheduled_sampling=1.5)
 
 
-def test_m_trains_with_scheduled_sampling(tiny: Tiny, tmp_path: Path) -> None:
+def test_m_trains_with_scheduled_sampling(tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    swapped_with: list[float] = []
+    swap = dreamenv.train.scheduled_inputs
+    monkeypatch.setattr(dreamenv.train, "scheduled_inputs", lambda *args: swapped_with.append(args[3]) or swap(*args))
     config = tiny_train_config()
-    teacher_forced = train_world_model([tiny.rollouts], tmp_path / "tf", config, vae_from=tiny.bundle, progress=False)
+    train_world_model([tiny.rollouts], tmp_path / "tf", config, vae_from=tiny.bundle, progress=False)
+    assert swapped_with == []  # the paper's M: teacher forcing only
     config.mdnrnn.scheduled_sampling = 0.5
-    scheduled = train_world_model([tiny.rollouts], tmp_path / "ss", config, vae_from=tiny.bundle, progress=False)
+    train_world_model([tiny.rollouts], tmp_path / "ss", config, vae_from=tiny.bundle, progress=False)
+    assert swapped_with and set(swapped_with) == {0.5}  # training swaps, with the recipe's probability
     assert json.dumps(read_manifest(tmp_path / "ss")).count('"scheduled_sampling": 0.5') == 1  # the recipe records it
-    assert not torch.equal(scheduled.mdnrnn.lstm.weight_hh_l0, teacher_forced.mdnrnn.lstm.weight_hh_l0)
