@@ -261,9 +261,10 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
                                  ("--max-steps", args.max_steps, ("ppo", "sac")),
                                  ("--temperature-range", args.temperature_range, ("actor-critic",)),
                                  ("--actor-gradient", args.actor_gradient, ("actor-critic",)),
+                                 ("--done-critics", args.done_critics, ("actor-critic",)),
                                  ("--obs-mode", args.obs_mode, ("actor-critic", "cmaes", "dagger"))):
         if value and args.algo not in algos:
-            hint = "" if "cmaes" in algos or option == "--actor-gradient" else f" (for CMA-ES: dreamenv controller {option})"
+            hint = "" if "cmaes" in algos or option in ("--actor-gradient", "--done-critics") else f" (for CMA-ES: dreamenv controller {option})"
             raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it{hint}")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")
@@ -279,7 +280,7 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
                              "the --config recipe's [controller] table, or use `dreamenv controller` (--population, --rollouts, --generations)")
     elif args.algo == "actor-critic":
         overrides.update(batch=args.n_envs, start_data=args.start_data, temperature_range=args.temperature_range,
-                         actor_gradient=args.actor_gradient)
+                         actor_gradient=args.actor_gradient, done_critics=args.done_critics)
     else:
         overrides.update(n_envs=args.n_envs, start_data=args.start_data, max_steps=args.max_steps)
     settings = {**recipe.get(ALGO_TABLES[args.algo], {}), **{k: v for k, v in overrides.items() if v is not None}}
@@ -608,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor-gradient", choices=["reinforce", "dynamics"],
                    help="actor-critic: reinforce (default) or dynamics: Box actions on an MDN-RNN bundle learn from the "
                    "returns' gradient through M's steps, as DreamerV1/V2 for continuous control (with --done-mode expected)")
+    p.add_argument("--done-critics", nargs="+", metavar="BUNDLE",
+                   help="actor-critic, with --done-mode expected: other Ms through the bundle's V follow each imagined "
+                   "dream, and each step continues with 1 - the largest p(done) of all (ensemble pessimism on deaths)")
     p.add_argument("--obs-mode", choices=["latent", "latent_cell"],
                    help="actor-critic, cmaes, dagger: what the agent reads, latent = [z, h] (default) or latent_cell = "
                    "[z, c, h] with M's LSTM cell state (MDN-RNN bundles)")

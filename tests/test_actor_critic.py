@@ -293,6 +293,45 @@ def test_real_starts_are_the_data_states(tiny_discrete: Tiny) -> None:
     assert torch.cdist(torch.cat([real.z, real.h], -1), bank_obs, compute_mode="donot_use_mm_for_euclid_dist").amin(1).max() == 0  # all drawn from the bank
 
 
+def test_done_critics_make_deaths_they_predict_count(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    wm = WorldModel.load(_rigged_bundle(tiny_discrete, tmp_path / "paying"))
+    with torch.no_grad():
+        wm.mdnrnn.reward_head.bias.fill_(1.0)  # action 2 pays 1.76 a step, the others 0.24; this M sees no deaths
+    paying = wm.save(tmp_path / "paying")
+    deadly = _deadly_bundle(tiny_discrete, tmp_path / "deadly")  # same V; its M kills 69% of the time after action 2
+    obs, _ = dreamenv.make_dream_vec(paying, 64).reset(seed=1)
+
+    def chance_of_action_2(out: Path, **settings) -> float:
+        settings = {"iterations": 100, "done_mode": "expected", **settings}
+        policy = train_actor_critic(paying, out, _small(**settings), progress=False)
+        with torch.no_grad():
+            return float(policy.head.distribution(policy.actor(torch.from_numpy(obs))).probs[:, 2].mean())
+
+    assert chance_of_action_2(tmp_path / "alone") > 0.9
+    assert chance_of_action_2(tmp_path / "judged", done_critics=[str(deadly)]) < 0.05
+    assert json.loads((tmp_path / "judged" / "agent.json").read_text())["config"]["done_critics"] == [str(deadly)]
+    assert chance_of_action_2(tmp_path / "judged-initial", done_critics=[str(deadly)], real_starts=False,
+                              iterations=200) < 0.05
+
+
+def test_done_critics_refusals(tiny_discrete: Tiny, tiny_box: Tiny, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="done_critics.*'expected'"):
+        ActorCriticConfig(done_critics=[str(tiny_discrete.bundle)], done_mode="sample")
+    for critic, problem in ((tiny_box.bundle, "world model of"), (tiny_discrete.bundle, None)):
+        if problem is None:  # the same M with another V
+            wm = WorldModel.load(tiny_discrete.bundle)
+            with torch.no_grad():
+                next(wm.vae.parameters()).add_(0.1)
+            critic, problem = wm.save(tmp_path / "other-v"), "another V.*--vae-from"
+        with pytest.raises(ValueError, match=problem):
+            train_actor_critic(tiny_discrete.bundle, tmp_path / "ac", _small(iterations=1, done_mode="expected",
+                                                                            done_critics=[str(critic)]), progress=False)
+    assert main(["train-agent", str(tiny_discrete.bundle), "--algo", "ppo", "--out", str(tmp_path / "ppo"),
+                 "--done-critics", str(tiny_discrete.bundle)]) != 0
+    assert "--done-critics is an option of actor-critic" in capsys.readouterr().err
+
+
 def test_real_starts_option(tiny_discrete: Tiny, tmp_path: Path) -> None:
     config = _small(iterations=1, batch=8, horizon=3, real_start_episodes=5)
     train_actor_critic(tiny_discrete.bundle, tmp_path / "real", config, progress=False)

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from dreamenv.agents.dynamics import check_dynamics_gradient, imagine_differentiably
 from dreamenv.agents.saved import check_agent_bundle, read_agent_info, write_agent_info
-from dreamenv.agents.starts import StartStates, real_start_bank
+from dreamenv.agents.done_critics import DoneCritics
+from dreamenv.agents.starts import StartStates, real_start_bank, recorded_rollouts
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import checked_temperature_range, config_from_table
 from dreamenv.envs.dream import TRAINING_DONE_MODES, DreamState, checked_done_mode, dream_core
@@ -73,6 +74,7 @@ class ActorCriticConfig:
     done_mode: str = "sample"  # "sample" / "threshold": imagined dreams end as DreamEnv's; "expected": see the module doc
     actor_gradient: str = "reinforce"  # or "dynamics": returns differentiated through M (Box, MDN-RNN, expected ends)
     done_threshold: float = 0.5
+    done_critics: list[str] | None = None  # bundles (same V) whose Ms also judge each step: 1 - the largest p(done) continues
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
     seed: int = 0
 
@@ -93,6 +95,9 @@ class ActorCriticConfig:
             raise ValueError(f"actor_gradient 'dynamics' discounts by M's p(continue) and draws no deaths, which is "
                              f"done_mode 'expected': set it (--done-mode expected; got {self.done_mode!r})")
         self.temperature_range = checked_temperature_range(self.temperature_range)
+        if self.done_critics and (self.done_mode != "expected" or self.actor_gradient != "reinforce"):
+            raise ValueError("done_critics discount each imagined step by the largest p(done), which is done_mode "
+                             f"'expected' with actor_gradient 'reinforce' (got {self.done_mode!r}, {self.actor_gradient!r})")
         if self.start_data and self.real_starts is False:
             raise ValueError("start_data is where real starts come from: drop it, or drop real_starts = false")
 
@@ -341,6 +346,11 @@ def train_actor_critic(
             warnings.warn(f"actor-critic: imagination starts from the bundle's initial states: {err}", stacklevel=2)
     core = dream_core(wm)
     starts = StartStates(core, bank)
+    critics = None
+    if config.done_critics:
+        critics = DoneCritics(wm, config.done_critics, None if bank is None else config.real_start_episodes, config.seed,
+                              config.start_data or (None if bank is None else recorded_rollouts(wm)),
+                              None if bank is None else bank[0].z)
     model = ActorCritic(obs_dim, head.outputs, config.hidden, config.layers)
     optimizer = torch.optim.Adam([{"params": model.actor.parameters(), "lr": config.actor_lr},
                                   {"params": model.critic.parameters(), "lr": config.critic_lr}], eps=1e-5)
@@ -373,11 +383,12 @@ def train_actor_critic(
             obs = core.observe(dream, config.obs_mode)
             with torch.no_grad():
                 actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
-            dream, rewards, terminated = core.step(dream, wm.encode_actions(head.to_env(actions)),
-                                                   temperature if tau is None else torch.from_numpy(tau),
+            z, encoded = dream.z, wm.encode_actions(head.to_env(actions))
+            dream, rewards, terminated = core.step(dream, encoded, temperature if tau is None else torch.from_numpy(tau),
                                                    core.draw_noise(rng, config.batch), step_done_mode, config.done_threshold)
             if expected:  # the dream runs on; its return is discounted by p(continue) instead
-                continues = torch.from_numpy(1.0 - core.done_probability(dream))
+                done = core.done_probability(dream)
+                continues = torch.from_numpy(1.0 - (done if critics is None else np.maximum(done, critics.step(z, encoded))))
                 terminated = np.zeros(config.batch, bool)
             else:
                 continues = torch.from_numpy(~terminated).float()
@@ -406,19 +417,23 @@ def train_actor_critic(
 
     def restart(rows: np.ndarray) -> None:
         """Dreams `rows` begin again from fresh starts (and, with a temperature_range, fresh temperatures)."""
-        fresh, elapsed[rows] = starts.draw(len(rows), rng)
+        fresh, elapsed[rows], bank_rows = starts.draw_with_rows(len(rows), rng)
         if tau is not None:
             tau[rows] = draw_tau(len(rows))
         with torch.inference_mode():  # MDN-RNN and RSSM states come from inference-mode steps
             for old, new in zip(dream, fresh):
                 old[torch.from_numpy(rows)] = new
+        if critics is not None:
+            critics.restart(rows, fresh.z, bank_rows)
 
     bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
                desc=f"actor-critic in the dream, tau={config.temperature_range or temperature}", disable=not progress)
     while state["iteration"] < config.iterations:
         if dream is None or bank is not None:  # with real starts, every update imagines from fresh ones (DreamerV3)
-            dream, elapsed = starts.draw(config.batch, rng)
+            dream, elapsed, bank_rows = starts.draw_with_rows(config.batch, rng)
             tau = draw_tau(config.batch)
+            if critics is not None:
+                critics.start(dream.z, bank_rows)
         batch = imagine_through_m() if dynamics else imagine_sampled()
         if bank is None:  # dreams run whole episodes from their first state: their returns are dream scores
             rewards = batch["rewards"].detach() * batch.get("valid", 1.0)

@@ -86,11 +86,15 @@ class StartStates:
 
     def draw(self, n: int, rng: np.random.Generator) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
         """n random start states (a dream-core state) and the episode step each one is at."""
+        return self.draw_with_rows(n, rng)[:2]
+
+    def draw_with_rows(self, n: int, rng: np.random.Generator) -> tuple[tuple[torch.Tensor, ...], np.ndarray, np.ndarray | None]:
+        """draw, and the bank rows drawn (None from the initial-state bank), so other Ms can follow the same starts."""
         if self.bank is None:
-            return self.core.initial_state(self.core.draw_initial(rng, n)), np.zeros(n, np.int64)
+            return self.core.initial_state(self.core.draw_initial(rng, n)), np.zeros(n, np.int64), None
         states, steps = self.bank
         rows = rng.integers(0, len(steps), n)
-        return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows]
+        return type(states)(*(x[torch.from_numpy(rows)] for x in states)), steps[rows], rows
 
     def info(self) -> dict[str, str | int]:
         """Where the dreams start, for agent.json: {"starts": "initial"} or "real" with the bank's size."""
