@@ -346,11 +346,10 @@ def train_actor_critic(
             warnings.warn(f"actor-critic: imagination starts from the bundle's initial states: {err}", stacklevel=2)
     core = dream_core(wm)
     starts = StartStates(core, bank)
-    critics = None
-    if config.done_critics:
-        critics = DoneCritics(wm, config.done_critics, None if bank is None else config.real_start_episodes, config.seed,
-                              config.start_data or (None if bank is None else recorded_rollouts(wm)),
-                              None if bank is None else bank[0].z)
+    critics = DoneCritics(wm, config.done_critics) if config.done_critics else None
+    if critics is not None and bank is not None:
+        critics.follow_real_starts(config.real_start_episodes, config.seed, config.start_data or recorded_rollouts(wm),
+                                   bank[0].z)
     model = ActorCritic(obs_dim, head.outputs, config.hidden, config.layers)
     optimizer = torch.optim.Adam([{"params": model.actor.parameters(), "lr": config.actor_lr},
                                   {"params": model.critic.parameters(), "lr": config.critic_lr}], eps=1e-5)
@@ -424,7 +423,7 @@ def train_actor_critic(
             for old, new in zip(dream, fresh):
                 old[torch.from_numpy(rows)] = new
         if critics is not None:
-            critics.restart(rows, fresh.z, bank_rows)
+            critics.restart(rows, bank_rows)
 
     bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), unit="update",
                desc=f"actor-critic in the dream, tau={config.temperature_range or temperature}", disable=not progress)
@@ -433,7 +432,7 @@ def train_actor_critic(
             dream, elapsed, bank_rows = starts.draw_with_rows(config.batch, rng)
             tau = draw_tau(config.batch)
             if critics is not None:
-                critics.start(dream.z, bank_rows)
+                critics.start(config.batch, bank_rows)
         batch = imagine_through_m() if dynamics else imagine_sampled()
         if bank is None:  # dreams run whole episodes from their first state: their returns are dream scores
             rewards = batch["rewards"].detach() * batch.get("valid", 1.0)

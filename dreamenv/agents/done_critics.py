@@ -38,36 +38,36 @@ def check_critic(world_model: WorldModel, critic: WorldModel, name: str) -> None
 class DoneCritics:
     """Other bundles' Ms stepped beside a batch of dreams; `step` gives the largest p(done) among them."""
 
-    def __init__(self, world_model: WorldModel, critics: Sequence[str | Path], bank_episodes: int | None = None,
-                 seed: int = 0, data: Sequence[str | Path] | None = None, main_bank_z: torch.Tensor | None = None) -> None:
-        """With `bank_episodes`, each critic builds its real-start bank from the same episodes of `data` as the
-        bundle's (same seed), so a drawn bank row is the same real state for all; `main_bank_z` checks that."""
+    def __init__(self, world_model: WorldModel, critics: Sequence[str | Path]) -> None:
         if not critics:
             raise ValueError("done critics: give at least one bundle")
-        self.cores: list[DreamCore] = []
-        self.banks: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for name in critics:
-            critic = load_world_model(name)
-            check_critic(world_model, critic, str(name))
-            self.cores.append(DreamCore(critic))
-            if bank_episodes is not None:
-                states, _ = real_start_bank(critic, bank_episodes, np.random.default_rng(seed), False, data)
-                if main_bank_z is not None and not torch.equal(states.z, main_bank_z):
-                    raise ValueError(f"done critic {name}: its real starts are not the bundle's (same data and seed expected)")
-                self.banks.append((states.h, states.c))
-        self.states: list[DreamState] = []
+        self.names = [str(name) for name in critics]
+        self.world_models = [load_world_model(name) for name in critics]
+        for name, critic in zip(self.names, self.world_models):
+            check_critic(world_model, critic, name)
+        self.cores = [DreamCore(critic) for critic in self.world_models]
+        self.banks: list[tuple[torch.Tensor, torch.Tensor]] = []  # each critic's (h, c) at the real starts
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # each critic's (h, c) in the current dreams
 
-    def start(self, z: torch.Tensor, rows: np.ndarray | None) -> None:
-        """Every dream begins again at z: from bank `rows` (real starts) or, without a bank, from h = c = 0."""
-        self.states = [DreamState(z.clone(), *self._recurrent(i, rows, len(z))) for i in range(len(self.cores))]
+    def follow_real_starts(self, episodes: int, seed: int, data: Sequence[str | Path], bundle_z: torch.Tensor) -> None:
+        """Each critic filters the episodes real_start_bank(bundle, episodes, default_rng(seed), data) chose, so a
+        bank row is the same real state for all; `bundle_z`, the bundle's bank's z, checks that."""
+        for name, critic in zip(self.names, self.world_models):
+            states, _ = real_start_bank(critic, episodes, np.random.default_rng(seed), False, data)
+            if not torch.equal(states.z, bundle_z):
+                raise ValueError(f"done critic {name}: its real starts are not the bundle's (same data and seed expected)")
+            self.banks.append((states.h, states.c))
 
-    def restart(self, dreams: np.ndarray, z: torch.Tensor, rows: np.ndarray | None) -> None:
-        """Dreams `dreams` begin again at z (their fresh starts), as in `start`."""
+    def start(self, n: int, rows: np.ndarray | None) -> None:
+        """n dreams begin: at bank `rows` (real starts), or without a bank from h = c = 0 as M's first frames."""
+        self.states = [self._recurrent(i, rows, n) for i in range(len(self.cores))]
+
+    def restart(self, dreams: np.ndarray, rows: np.ndarray | None) -> None:
+        """Dreams `dreams` begin again, as in `start`."""
         index = torch.from_numpy(dreams)
         with torch.inference_mode():  # the states come from inference-mode steps
-            for i, state in enumerate(self.states):
-                h, c = self._recurrent(i, rows, len(dreams))
-                state.h[index], state.c[index] = h, c
+            for i, (h, c) in enumerate(self.states):
+                h[index], c[index] = self._recurrent(i, rows, len(dreams))
 
     def _recurrent(self, critic: int, rows: np.ndarray | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
@@ -80,8 +80,8 @@ class DoneCritics:
         n, z_dim = z.shape
         quiet = Noise(np.zeros((n, z_dim), np.float32), np.zeros((n, z_dim), np.float32), np.zeros(n, np.float32))
         worst = np.zeros(n, np.float32)
-        for i, (core, state) in enumerate(zip(self.cores, self.states)):
-            state, _, _ = core.step(DreamState(z, state.h, state.c), actions, 1.0, quiet, "threshold")
-            self.states[i] = state
+        for i, (core, (h, c)) in enumerate(zip(self.cores, self.states)):
+            state, _, _ = core.step(DreamState(z, h, c), actions, 1.0, quiet, "threshold")  # its own z' is not used
+            self.states[i] = (state.h, state.c)
             worst = np.maximum(worst, core.done_probability(state))
         return worst
