@@ -334,6 +334,7 @@ def train_actor_critic(
                              "resume it with that obs_mode, or train into a new --out")
     temperature = wm.default_temperature if config.temperature is None else float(config.temperature)
     torch.manual_seed(config.seed)
+    critics = DoneCritics(wm, config.done_critics) if config.done_critics else None  # refused before the slow bank
     bank = None
     if config.real_starts is not False:
         try:
@@ -346,7 +347,6 @@ def train_actor_critic(
             warnings.warn(f"actor-critic: imagination starts from the bundle's initial states: {err}", stacklevel=2)
     core = dream_core(wm)
     starts = StartStates(core, bank)
-    critics = DoneCritics(wm, config.done_critics) if config.done_critics else None
     if critics is not None and bank is not None:
         critics.follow_real_starts(config.real_start_episodes, config.seed, config.start_data or recorded_rollouts(wm),
                                    bank[0].z)
