@@ -264,7 +264,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
                                  ("--done-critics", args.done_critics, ("actor-critic",)),
                                  ("--obs-mode", args.obs_mode, ("actor-critic", "cmaes", "dagger"))):
         if value and args.algo not in algos:
-            hint = "" if "cmaes" in algos or option in ("--actor-gradient", "--done-critics") else f" (for CMA-ES: dreamenv controller {option})"
+            has_twin = option in ("--start-data", "--max-steps", "--temperature-range")  # `dreamenv controller` has these
+            hint = f" (for CMA-ES: dreamenv controller {option})" if has_twin else ""
             raise ValueError(f"{option} is an option of {', '.join(algos)} here; {args.algo} does not use it{hint}")
     if (args.teacher or args.teacher_algo) and args.algo != "dagger":
         raise ValueError(f"--teacher and --teacher-algo are DAgger options; {args.algo} does not use them (--algo dagger)")

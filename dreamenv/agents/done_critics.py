@@ -17,7 +17,6 @@ import torch
 
 from dreamenv.agents.starts import real_start_bank
 from dreamenv.envs.dream import DreamCore, DreamState
-from dreamenv.envs.noise import Noise
 from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
@@ -77,11 +76,8 @@ class DoneCritics:
 
     def step(self, z: torch.Tensor, actions: torch.Tensor) -> np.ndarray:
         """Each critic reads the dream's z_t and a_t; returns the largest of their p(done) for this step, (N,)."""
-        n, z_dim = z.shape
-        quiet = Noise(np.zeros((n, z_dim), np.float32), np.zeros((n, z_dim), np.float32), np.zeros(n, np.float32))
-        worst = np.zeros(n, np.float32)
+        worst = np.zeros(len(z), np.float32)
         for i, (core, (h, c)) in enumerate(zip(self.cores, self.states)):
-            state, _, _ = core.step(DreamState(z, h, c), actions, 1.0, quiet, "threshold")  # its own z' is not used
-            self.states[i] = (state.h, state.c)
-            worst = np.maximum(worst, core.done_probability(state))
+            self.states[i] = core.recurrent_step(DreamState(z, h, c), actions)  # no MDN draw: only p(done) is read
+            worst = np.maximum(worst, core.done_probability(DreamState(z, *self.states[i])))
         return worst

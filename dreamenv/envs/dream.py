@@ -68,7 +68,8 @@ class DreamCore(BatchedDreamCore):
         self._flip = 0
 
     def _buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the input, gate and head buffers for a batch of n (grown when n exceeds the capacity)."""
+        """Views of the input, gate and tanh buffers for a batch of n; every buffer (self._heads too) grows when n
+        exceeds the capacity."""
         if n > self._capacity:
             self._capacity = n
             self._inputs = torch.zeros(n, self.lstm_weight.shape[0])  # the padding columns stay zero
@@ -76,12 +77,27 @@ class DreamCore(BatchedDreamCore):
             self._tanh = torch.empty(n, self.hidden_size)
             self._heads = torch.empty(n, self.head_weight.shape[1])
         self._flip ^= 1
-        return self._inputs[:n], self._gates[self._flip][:n], self._tanh[:n], self._heads[:n]
+        return self._inputs[:n], self._gates[self._flip][:n], self._tanh[:n]
 
     def initial_state(self, index: np.ndarray) -> DreamState:
         """z_0 = entries `index` of the bank of encoded first frames, h_0 = c_0 = 0."""
         zeros = torch.zeros(len(index), self.hidden_size)
         return DreamState(self.wm.initial_z[torch.as_tensor(index)].clone(), zeros, zeros.clone())
+
+    @torch.inference_mode()
+    def recurrent_step(self, state: DreamState, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M's LSTM alone: (h', c') from (z, a, h, c), without the MDN and reward heads (the done critics need no more)."""
+        z_dim, hidden = self.z_dim, self.hidden_size
+        inputs, gates, tanh_c = self._buffers(state.z.shape[0])
+        inputs[:, :z_dim] = state.z
+        inputs[:, z_dim : z_dim + self.action_dim] = actions
+        inputs[:, z_dim + self.action_dim : self.input_dim] = state.h
+        torch.addmm(self.lstm_bias, inputs, self.lstm_weight, out=gates)  # gates (i, f, o, 2 g)
+        i, f, o, g = gates.sigmoid_().split(hidden, dim=1)
+        g.mul_(2.0).sub_(1.0)  # tanh of the g gate's input
+        c = f.mul_(state.c).addcmul_(i, g)
+        torch.mul(c, 2.0, out=tanh_c).sigmoid_().mul_(2.0).sub_(1.0)
+        return o.mul_(tanh_c), c
 
     @torch.inference_mode()
     def step(
@@ -94,17 +110,9 @@ class DreamCore(BatchedDreamCore):
         done_threshold: float = 0.5,
     ) -> tuple[DreamState, np.ndarray, np.ndarray]:
         """h' = M(z, a, h); z' ~ MDN(h') at temperature; reward and termination from M's heads."""
-        n, z_dim, hidden, k = state.z.shape[0], self.z_dim, self.hidden_size, self.num_gaussians
-        inputs, gates, tanh_c, heads = self._buffers(n)
-        inputs[:, :z_dim] = state.z
-        inputs[:, z_dim : z_dim + self.action_dim] = actions
-        inputs[:, z_dim + self.action_dim : self.input_dim] = state.h
-        torch.addmm(self.lstm_bias, inputs, self.lstm_weight, out=gates)  # gates (i, f, o, 2 g)
-        i, f, o, g = gates.sigmoid_().split(hidden, dim=1)
-        g.mul_(2.0).sub_(1.0)  # tanh of the g gate's input
-        c = f.mul_(state.c).addcmul_(i, g)
-        torch.mul(c, 2.0, out=tanh_c).sigmoid_().mul_(2.0).sub_(1.0)
-        h = o.mul_(tanh_c)
+        n, z_dim, k = state.z.shape[0], self.z_dim, self.num_gaussians
+        h, c = self.recurrent_step(state, actions)
+        heads = self._heads[:n]
         torch.addmm(self.head_bias, h, self.head_weight, out=heads)
         logpi, mu, logsigma = heads[:, :-2].view(n, z_dim, 3 * k).split(k, dim=-1)
         out = MDNOutput(logpi, mu, logsigma.clamp(-8.0, 4.0), heads[:, -2], heads[:, -1])
