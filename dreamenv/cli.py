@@ -97,20 +97,21 @@ def recipe_rollouts(run: dict[str, Any]) -> Path:
 
 
 def train_rssm_command(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
-    """`dreamenv train --model rssm`: the RSSM on the rollouts; V and M options are refused, not ignored."""
+    """`dreamenv train --model rssm`: the RSSM on the rollouts (through a trained V with --vae-from); other V and M
+    options are refused, not ignored."""
     from dreamenv.train_rssm import RSSMTrainConfig, train_rssm_world_model
 
     v_and_m = {"--z-dim": args.z_dim, "--vae-epochs": args.vae_epochs, "--vae-batch-size": args.vae_batch_size,
-               "--mdn-epochs": args.mdn_epochs, "--vae-from": args.vae_from, "--mdnrnn-from": args.mdnrnn_from,
-               "--vae-init-from": args.vae_init_from}
+               "--mdn-epochs": args.mdn_epochs, "--mdnrnn-from": args.mdnrnn_from, "--vae-init-from": args.vae_init_from}
     given = [flag for flag, value in v_and_m.items() if value is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} set V or M, which an RSSM does not have: drop them, or train with --model mdnrnn")
+        raise ValueError(f"{', '.join(given)} set V or M, which an RSSM does not train: drop them (--vae-from BUNDLE "
+                         "lets the RSSM see through that bundle's trained V), or train with --model mdnrnn")
     overrides = {"rssm": {"deter": args.hidden_size, "stoch": args.stoch, "classes": args.classes,
                           "epochs": args.rssm_epochs, "seq_len": args.seq_len},
                  "seed": args.seed, "default_temperature": args.temperature}
     model = train_rssm_world_model(args.data, args.out, RSSMTrainConfig.from_dict(_merge_overrides(recipe, overrides)),
-                                   work_dir=args.work_dir)
+                                   work_dir=args.work_dir, vae_from=args.vae_from)
     print(f"bundle: {args.out}")
     print(json.dumps(model.info["heldout"], indent=2))
 
@@ -495,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "[train] model, else mdnrnn")
     p.add_argument("--config", help="TOML recipe with [train], [train.vae], [train.mdnrnn] (or [train.rssm]) tables")
     p.add_argument("--work-dir", help="resume checkpoints (default: OUT.work)")
-    p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only)")
+    p.add_argument("--vae-from", help="reuse this bundle's V instead of training one (retrain M only; with --model "
+                   "rssm, the RSSM sees the frames through this V)")
     p.add_argument("--mdnrnn-from", help="start M from this bundle's M (fine-tune; needs --vae-from, usually the same bundle)")
     p.add_argument("--vae-init-from", help="start V from this bundle's V and train it --vae-epochs more epochs on DATA")
     p.add_argument("--z-dim", type=int, help="V latent size (paper: 32 CarRacing, 64 Doom)")

@@ -1,4 +1,7 @@
-"""Train the RSSM world model on rollout stores, resumably, and write its bundle (the same format, model_kind "rssm")."""
+"""Train the RSSM world model on rollout stores, resumably, and write its bundle (the same format, model_kind "rssm").
+
+Training observations are the stores' frames (uint8), or a trained V's mean latents of them (float32) for an RSSM
+that sees through that V (RSSMConfig.vae_z_dim)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +23,10 @@ from dreamenv.metrics import DoneScores
 from dreamenv.models.rssm import (
     RSSM, RSSMConfig, categorical_kl, mode_one_hot, straight_through_sample, symexp, symlog,
 )
-from dreamenv.models.vae import frames_to_tensor
+from dreamenv.models.vae import ConvVAE, frames_to_tensor
 from dreamenv.train import (
-    CHECKPOINT_SECONDS, data_summary, encode_action_array, load_rollout_data, make_source_env_limit, terminal_balance,
+    CHECKPOINT_SECONDS, cached_latents, data_summary, encode_action_array, load_rollout_data, make_source_env_limit,
+    terminal_balance,
 )
 from dreamenv.worldmodel import WorldModel
 
@@ -58,22 +62,27 @@ class SequencePosteriors(NamedTuple):
     prior: torch.Tensor  # (B, T, stoch, classes) log-probabilities
 
 
-def batch_frames(frames: np.ndarray, frame_index: torch.Tensor) -> torch.Tensor:
-    """uint8 frames at frame_index (B, T + 1) -> float (B, T + 1, 3, 64, 64) in [0, 1]."""
-    picked = frames[frame_index.reshape(-1).numpy()]
-    return frames_to_tensor(picked).view(*frame_index.shape, 3, *picked.shape[1:3])
+def observation_tensor(observations: np.ndarray) -> torch.Tensor:
+    """Training observations as the model takes them: uint8 frames -> float NCHW in [0, 1]; V's latents as they are."""
+    return frames_to_tensor(observations) if observations.dtype == np.uint8 else torch.from_numpy(observations)
 
 
-def observe_sequences(model: RSSM, frames: torch.Tensor, actions: torch.Tensor, next_mask: torch.Tensor,
+def batch_observations(observations: np.ndarray, frame_index: torch.Tensor) -> torch.Tensor:
+    """Observations at frame_index (B, T + 1) -> (B, T + 1, 3, 64, 64) frames in [0, 1], or (B, T + 1, z) latents."""
+    picked = observation_tensor(observations[frame_index.reshape(-1).numpy()])
+    return picked.view(*frame_index.shape, *picked.shape[1:])
+
+
+def observe_sequences(model: RSSM, observations: torch.Tensor, actions: torch.Tensor, next_mask: torch.Tensor,
                       sample: bool) -> SequencePosteriors:
-    """Filter frames (B, T + 1, 3, H, W) and actions (B, T, a) through the RSSM from h_0 = 0.
+    """Filter observations (B, T + 1, ...: frames, or V's latents) and actions (B, T, a) through the RSSM from h_0 = 0.
 
     sample: straight-through samples (training) or modes (evaluation, as RealEnv). Where a step has no next
     frame (next_mask 0: an episode's last step), z_{t+1} comes from the prior, as in the dream, without gradient.
     """
     batch, steps = actions.shape[:2]
     pick = straight_through_sample if sample else mode_one_hot
-    embed = model.encode(frames.flatten(0, 1)).view(batch, steps + 1, -1)
+    embed = model.embed(observations.flatten(0, 1)).view(batch, steps + 1, -1)
     deter = model.initial_deter(batch)
     stoch = pick(model.posterior(deter, embed[:, 0])).flatten(1)
     deters, stochs, posteriors, priors = [deter], [stoch], [], []
@@ -94,17 +103,17 @@ def weighted_continue_loss(logit: torch.Tensor, dones: torch.Tensor, terminal_we
     return F.binary_cross_entropy_with_logits(logit, 1.0 - dones, reduction="none") * (1.0 + (terminal_weight - 1.0) * dones)
 
 
-def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], frames: np.ndarray, sample: bool = True) -> dict[str, torch.Tensor]:
-    """DreamerV3's world-model loss on a sequence batch: image + reward (symlog) + continue (terminal steps weighted by
-    config.terminal_weight, a number here: train_rssm resolves "balanced") + 0.5 dyn + 0.1 rep KL."""
+def rssm_losses(model: RSSM, batch: dict[str, torch.Tensor], observations: np.ndarray, sample: bool = True) -> dict[str, torch.Tensor]:
+    """DreamerV3's world-model loss on a sequence batch: image (or V's z) + reward (symlog) + continue (terminal steps
+    weighted by config.terminal_weight, a number here: train_rssm resolves "balanced") + 0.5 dyn + 0.1 rep KL."""
     config = model.config
-    x = batch_frames(frames, batch["frame_index"])
+    x = batch_observations(observations, batch["frame_index"])
     step_mask, next_mask = batch["step_mask"], batch["next_mask"]
     seq = observe_sequences(model, x, batch["actions"], next_mask, sample)
     feat = model.feature(seq.deter, seq.stoch)
-    recon = model.decode(feat.flatten(0, 1)).view_as(x)
+    recon = model.reconstruct(feat.flatten(0, 1)).view_as(x)
     frame_mask = torch.cat([step_mask[:, :1], next_mask], 1)
-    image_error = (recon - x).pow(2).sum((2, 3, 4))
+    image_error = (recon - x).pow(2).sum(tuple(range(2, x.dim())))
     image = (image_error * frame_mask).sum() / frame_mask.sum()
     steps, seen = step_mask.sum(), next_mask.sum().clamp(min=1)
     dyn_kl = categorical_kl(seq.posterior.detach(), seq.prior)
@@ -128,24 +137,32 @@ def count_batches(episodes: list[EpisodeData], config: RSSMConfig) -> int:
 
 
 def train_rssm(
-    episodes: list[EpisodeData], frames: np.ndarray, config: RSSMConfig, checkpoint_dir: Path, seed: int = 0,
-    progress: bool = True,
+    episodes: list[EpisodeData], observations: np.ndarray, config: RSSMConfig, checkpoint_dir: Path, seed: int = 0,
+    progress: bool = True, vae: ConvVAE | None = None,
 ) -> RSSM:
-    """Train the RSSM on episodes (with frame_index into frames), resuming from checkpoint_dir when it holds a run.
+    """Train the RSSM on episodes (with frame_index into observations), resuming from checkpoint_dir when it holds a run.
 
     Returns the model with a calibrated continue head: a terminal weight w shifts the trained logits of p(continue)
     by -log(w), which is undone at the end, as for the MDN-RNN's done head; the checkpoint keeps the trained logits.
     config.terminal_weight "balanced" is resolved to the episodes' terminal_balance (the model's config holds the number).
     With config.continue_refit_epochs, the continue head is then refit alone (refit_continue_head); the checkpoint
     keeps the jointly trained model, so adding a refit to a finished run's recipe only runs the refit.
+    With config.vae_z_dim, `vae` is the trained V (of that z size) the model sees through, and observations are its
+    mean latents of the frames; it stays frozen.
     """
     if not episodes or episodes[0].frame_index is None:
         raise ValueError("train_rssm needs at least one training episode with frame_index set")
+    if (vae.z_dim if vae is not None else 0) != config.vae_z_dim:
+        raise ValueError(f"RSSMConfig.vae_z_dim is {config.vae_z_dim} but the V given has z of "
+                         f"{vae.z_dim if vae is not None else 'no V'}: pass the V the observations were encoded with")
     if config.terminal_weight == "balanced":
         config = dataclasses.replace(config, terminal_weight=terminal_balance(episodes))
     torch.manual_seed(seed)
     model = RSSM(config, episodes[0].actions.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
+    if vae is not None:
+        model.vae.load_state_dict(vae.state_dict())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate, eps=config.adam_eps)
     state = load_checkpoint(checkpoint_dir, model, optimizer) or {"epoch": 0, "batch": 0}
     n_batches = count_batches(episodes, config)
     bar = tqdm(total=config.epochs * n_batches, initial=state["epoch"] * n_batches + state["batch"],
@@ -158,10 +175,10 @@ def train_rssm(
         for number, batch in enumerate(batches):
             if number < first:  # done before the checkpoint; the order is a function of the seed alone
                 continue
-            losses = rssm_losses(model, batch, frames)
+            losses = rssm_losses(model, batch, observations)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             optimizer.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, image=f"{losses['image'].item():.1f}", kl=f"{losses['kl'].item():.2f}",
@@ -173,7 +190,7 @@ def train_rssm(
     bar.close()
     model.eval()
     if config.continue_refit_epochs:
-        refit_continue_head(model, episodes, frames, seed, progress)
+        refit_continue_head(model, episodes, observations, seed, progress)
     with torch.no_grad():
         model.continue_head[-1].bias += math.log(config.terminal_weight)
     return model
@@ -184,13 +201,13 @@ REFIT_LEARNING_RATE = 1e-3
 
 
 @torch.no_grad()
-def filtered_deter(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def filtered_deter(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """h after every step of whole episodes, filtered through the posterior's modes as RealEnv does, and each step's
     done flag: (steps, deter), (steps,)."""
     longest = max(len(e.actions) for e in episodes)
     deters, dones = [], []
     for batch in sequence_batches(episodes, longest, batch_size, np.random.default_rng(0)):
-        seq = observe_sequences(model, batch_frames(frames, batch["frame_index"]), batch["actions"], batch["next_mask"],
+        seq = observe_sequences(model, batch_observations(observations, batch["frame_index"]), batch["actions"], batch["next_mask"],
                                 sample=False)
         keep = batch["step_mask"].bool()
         deters.append(seq.deter[:, 1:][keep])
@@ -198,12 +215,12 @@ def filtered_deter(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray,
     return torch.cat(deters), torch.cat(dones)
 
 
-def refit_continue_head(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray, seed: int = 0,
+def refit_continue_head(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray, seed: int = 0,
                         progress: bool = True) -> None:
     """Train the continue head alone for config.continue_refit_epochs on the frozen model's whole-episode h, with the
     joint loss's terminal weight (its logits stay in that weighted scale, which train_rssm then calibrates)."""
     config = model.config
-    deter, dones = filtered_deter(model, episodes, frames)
+    deter, dones = filtered_deter(model, episodes, observations)
     optimizer = torch.optim.Adam(model.continue_head.parameters(), lr=REFIT_LEARNING_RATE)
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(config.continue_refit_epochs), desc="refit continue head", unit="epoch", disable=not progress):
@@ -216,7 +233,7 @@ def refit_continue_head(model: RSSM, episodes: list[EpisodeData], frames: np.nda
 
 
 @torch.inference_mode()
-def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], frames: np.ndarray) -> dict[str, Any]:
+def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray) -> dict[str, Any]:
     """Held-out one-step quality through the posterior filter (modes, as RealEnv): image error, KL[q || p],
     reward error in real units, and done precision/recall (done = 1 - p(continue))."""
     if not episodes:
@@ -225,7 +242,7 @@ def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], frames: np.nd
     image_sum = frames_seen = kl_sum = kl_n = rew_sq = rew_abs = steps = 0.0
     done = DoneScores()
     for batch in sequence_batches(episodes, config.seq_len, config.batch_size, np.random.default_rng(0)):
-        losses = rssm_losses(model, batch, frames, sample=False)
+        losses = rssm_losses(model, batch, observations, sample=False)
         step_mask, next_mask = batch["step_mask"], batch["next_mask"]
         frame_mask = torch.cat([step_mask[:, :1], next_mask], 1)
         image_sum += losses["image"].item() * frame_mask.sum().item()
@@ -249,11 +266,11 @@ def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], frames: np.nd
 
 
 @torch.inference_mode()
-def first_frame_latents(model: RSSM, frames: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """The posterior's mode at h_0 = 0 for each first frame: the dream's initial-state bank (K, stoch * classes)."""
+def first_frame_latents(model: RSSM, observations: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """The posterior's mode at h_0 = 0 for each first observation: the dream's initial-state bank (K, stoch * classes)."""
     parts = []
-    for start in range(0, len(frames), batch_size):
-        embed = model.encode(frames_to_tensor(frames[start : start + batch_size]))
+    for start in range(0, len(observations), batch_size):
+        embed = model.embed(observation_tensor(observations[start : start + batch_size]))
         parts.append(mode_one_hot(model.posterior(model.initial_deter(len(embed)), embed)).flatten(1))
     return torch.cat(parts)
 
@@ -264,16 +281,38 @@ def train_rssm_world_model(
     config: RSSMTrainConfig | None = None,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    vae_from: str | Path | None = None,
 ) -> WorldModel:
-    """Rollouts -> RSSM -> bundle at `out` (model_kind "rssm"); rerunning the same call resumes where it stopped."""
+    """Rollouts -> RSSM -> bundle at `out` (model_kind "rssm"); rerunning the same call resumes where it stopped.
+
+    vae_from: a V + M bundle whose trained V the RSSM sees the frames through (sets config.rssm.vae_z_dim), so that
+    it learns the dynamics alone, on the same latents as that bundle's M; the frames are encoded once and cached.
+    """
     config = config or RSSMTrainConfig()
     paths = [rollouts_path] if isinstance(rollouts_path, (str, Path)) else list(rollouts_path)
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    vae, vae_info = None, {}
+    if vae_from is not None:
+        source = WorldModel.load(vae_from)
+        if source.vae is None:
+            raise ValueError(f"{vae_from} is an RSSM bundle, which has no V: --vae-from takes a V + M bundle")
+        vae, vae_info = source.vae, {"vae_from": {"bundle": str(vae_from), "fingerprint": source.fingerprint}}
+        if config.rssm.vae_z_dim not in (0, vae.z_dim):
+            raise ValueError(f"the recipe sets vae_z_dim = {config.rssm.vae_z_dim} but {vae_from}'s V has z of "
+                             f"{vae.z_dim}: drop vae_z_dim (--vae-from sets it)")
+        config = dataclasses.replace(config, rssm=dataclasses.replace(config.rssm, vae_z_dim=vae.z_dim))
+    elif config.rssm.vae_z_dim:
+        raise ValueError(f"vae_z_dim = {config.rssm.vae_z_dim} sees the frames through a trained V: name its bundle "
+                         "with --vae-from BUNDLE (vae_from=), or drop vae_z_dim for the RSSM's own CNN")
     work.mkdir(parents=True, exist_ok=True)
     recipe = {"model": "rssm", **dataclasses.asdict(config)}
     (work / "config.json").write_text(json.dumps(recipe, indent=2))
-    data = load_rollout_data(paths)
+    data = load_rollout_data(paths, with_frames=vae is None)  # through a V, its latents are all the RSSM reads
+    if vae is not None and data.env_id != source.env_id:
+        raise ValueError(f"{vae_from}'s V was trained on {source.env_id} frames and the stores hold {data.env_id}: "
+                         f"pass a bundle of {data.env_id}")
+    observations = data.frames if vae is None else cached_latents(vae, paths, work / "latents")[0]
     bounds, arrays = data.bounds, data.arrays
     train_ids, heldout_ids = split_episode_ids(len(bounds), config.holdout_fraction, config.seed)
     actions = encode_action_array(data.action_space, arrays["actions"])
@@ -283,17 +322,18 @@ def train_rssm_world_model(
                             arrays["terminated"][s:e].astype(np.float32), frame_index=np.arange(s, e))
                 for s, e in (bounds[i] for i in ids)]
 
-    model = train_rssm(episodes(train_ids), data.frames, config.rssm, work / "rssm", config.seed, progress)
-    metrics = rssm_heldout_metrics(model, episodes(heldout_ids), data.frames)
+    model = train_rssm(episodes(train_ids), observations, config.rssm, work / "rssm", config.seed, progress, vae)
+    metrics = rssm_heldout_metrics(model, episodes(heldout_ids), observations)
     first = bounds[train_ids, 0][: config.initial_states]
     world_model = WorldModel(
-        vae=None, mdnrnn=None, rssm=model, initial_z=first_frame_latents(model, data.frames[first]),
+        vae=None, mdnrnn=None, rssm=model, initial_z=first_frame_latents(model, observations[first]),
         env_id=data.env_id, action_space=data.action_space, frame_spec=data.frame_spec,
         max_episode_steps=make_source_env_limit(data.env_id), default_temperature=config.default_temperature,
         info={
             "data": data_summary(paths, bounds, arrays["rewards"], train_ids, heldout_ids),
             "heldout": {"rssm": metrics},
             "recipe": recipe,
+            **vae_info,
         },
     )
     world_model.save(out)

@@ -286,6 +286,62 @@ def _outputs(wm: WorldModel) -> list[torch.Tensor]:
                 model.reward(feat), model.continue_logit(feat), wm.initial_z]
 
 
+def test_an_rssm_through_a_trained_v(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """--vae-from: the RSSM reads V's mean z and predicts it, V stays as it was, and the dream draws through V."""
+    source = WorldModel.load(tiny_discrete.bundle)
+    config = RSSMTrainConfig(rssm=tiny_rssm_config(epochs=6))
+    wm = train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "b", config, progress=False, vae_from=tiny_discrete.bundle)
+    model = wm.rssm
+    assert model.config.vae_z_dim == source.z_dim and model.encoder is None and wm.vae is None
+    for name, tensor in source.vae.state_dict().items():
+        assert torch.equal(model.vae.state_dict()[name], tensor), name
+    info = read_manifest(tmp_path / "b")["info"]
+    assert info["vae_from"]["fingerprint"] == source.fingerprint
+    assert info["recipe"]["rssm"]["vae_z_dim"] == source.z_dim
+
+    data, actions, episodes = _sequence_episodes(tiny_discrete)
+    frames = frames_to_tensor(data.frames[:7])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(frames), source.vae.encode(frames)[0])
+        feat = model.feature(model.initial_deter(7), mode_one_hot(model.posterior(model.initial_deter(7),
+                                                                                   model.encode(frames))).flatten(1))
+        assert model.reconstruct(feat).shape == (7, source.z_dim)
+        torch.testing.assert_close(model.decode(feat), source.vae.decode(model.reconstruct(feat)))
+
+    latents = source.vae.encode(frames_to_tensor(data.frames))[0].detach().numpy()
+
+    def z_error(trained: RSSM) -> float:
+        with torch.no_grad():
+            return sum(rssm_losses(trained, batch, latents, sample=False)["image"].item()
+                       for batch in sequence_batches(episodes, 16, 8, np.random.default_rng(0)))
+    fresh = RSSM(model.config, actions.shape[1]).eval()
+    fresh.vae.load_state_dict(source.vae.state_dict())
+    assert z_error(model) < 0.5 * z_error(fresh)
+
+    dream = DreamEnv(tmp_path / "b", render_mode="rgb_array")
+    _checks(lambda: DreamEnv(tmp_path / "b"))
+    dream.reset(seed=0)
+    dream.step(dream.action_space.sample())
+    assert dream.render().shape == (64, 64, 3)
+    real = RealEnv(tmp_path / "b")
+    assert real.observation_space == dream.observation_space
+    real.close()
+
+
+def test_an_rssm_through_v_refuses_what_does_not_fit(tiny_discrete: Tiny, tiny_box: Tiny, rssm_discrete: TinyRSSM,
+                                                     tmp_path: Path) -> None:
+    config = RSSMTrainConfig(rssm=tiny_rssm_config(epochs=1))
+    with pytest.raises(ValueError, match="has no V"):
+        train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "a", config, progress=False, vae_from=rssm_discrete.bundle)
+    with pytest.raises(ValueError, match="--vae-from"):
+        train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "b", RSSMTrainConfig(rssm=dataclasses.replace(
+            tiny_rssm_config(), vae_z_dim=8)), progress=False)
+    with pytest.raises(ValueError, match="trained on .*TinyPixelsBox.* frames"):
+        train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "c", config, progress=False, vae_from=tiny_box.bundle)
+    with pytest.raises(ValueError, match="vae_z_dim"):
+        RSSMConfig(vae_z_dim=-1)
+
+
 def test_bundle_round_trip(rssm: TinyRSSM, tmp_path: Path) -> None:
     wm = WorldModel.load(rssm.bundle)
     assert wm.model_kind == "rssm" and wm.vae is None and wm.mdnrnn is None

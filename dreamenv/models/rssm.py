@@ -1,5 +1,6 @@
 """The RSSM: DreamerV3's recurrent state-space model (GRU state + categorical latents), with a conv image
-encoder/decoder, a reward head and a continue head. It plays M's role (and V's) behind the same envs."""
+encoder/decoder (or a trained World Models V), a reward head and a continue head. It plays M's role (and V's)
+behind the same envs."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dreamenv.config import config_from_table
+from dreamenv.models.vae import ConvVAE
 
 
 @dataclass
@@ -41,6 +43,10 @@ class RSSMConfig:
     # jointly, its loss (about 0.01 a step) is a speck beside the image loss (about 30), and the head stays far from
     # what h can tell it. 0 = DreamerV3's joint training alone. Needs continue_input "deter"
     continue_refit_epochs: int = 0
+    # 0: the RSSM's own conv encoder and decoder (DreamerV3). n > 0: frames are seen through a trained, frozen World
+    # Models V with z of size n (`dreamenv train --model rssm --vae-from BUNDLE` sets it): the posterior reads V's mean
+    # z, an MLP decoder predicts it and V's decoder draws it, so the RSSM learns the dynamics alone, as M does
+    vae_z_dim: int = 0
     seq_len: int = 64
     batch_size: int = 16
     learning_rate: float = 1e-4
@@ -69,6 +75,8 @@ class RSSMConfig:
             raise ValueError(f'RSSMConfig.terminal_weight must be a finite number > 0 or "balanced", got {weight!r}')
         if self.continue_input not in ("feature", "deter"):
             raise ValueError(f'RSSMConfig.continue_input must be "feature" or "deter", got {self.continue_input!r}')
+        if not isinstance(self.vae_z_dim, int) or isinstance(self.vae_z_dim, bool) or self.vae_z_dim < 0:
+            raise ValueError(f"RSSMConfig.vae_z_dim must be an integer >= 0 (0: the RSSM's own CNN), got {self.vae_z_dim!r}")
         epochs = self.continue_refit_epochs
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"RSSMConfig.continue_refit_epochs must be an integer >= 0, got {epochs!r}")
@@ -219,7 +227,8 @@ class RSSM(nn.Module):
 
     Step: h' = GRU(h, [z, a]); prior p(z' | h'); posterior q(z' | h', embed(frame')). Heads read the feature
     [h, z]: image decoder, reward (in symlog space), continue logit (p(episode goes on); h alone if
-    config.continue_input is "deter").
+    config.continue_input is "deter"). With config.vae_z_dim, embed(frame) is a frozen V's mean z (the submodule
+    `vae`, loaded by the trainer) and the decoder predicts that z, which V's decoder draws.
     """
 
     def __init__(self, config: RSSMConfig, action_dim: int) -> None:
@@ -231,13 +240,20 @@ class RSSM(nn.Module):
         self.deter_dim = config.deter
         self.z_dim = config.stoch * config.classes
         self.feat_dim = config.deter + self.z_dim
-        self.encoder = ImageEncoder(config.cnn_depth)
+        if config.vae_z_dim:
+            self.vae: ConvVAE | None = ConvVAE(config.vae_z_dim).requires_grad_(False)
+            self.encoder: ImageEncoder | None = None
+            embed_dim = config.vae_z_dim
+        else:
+            self.vae, self.encoder = None, ImageEncoder(config.cnn_depth)
+            embed_dim = self.encoder.out_dim
         self.img_in = dense(self.z_dim + action_dim, config.hidden)
         self.gru = LayerNormGRU(config.hidden, config.deter)
         self.prior_net = nn.Sequential(dense(config.deter, config.hidden), nn.Linear(config.hidden, self.z_dim))
-        self.posterior_net = nn.Sequential(dense(config.deter + self.encoder.out_dim, config.hidden),
+        self.posterior_net = nn.Sequential(dense(config.deter + embed_dim, config.hidden),
                                            nn.Linear(config.hidden, self.z_dim))
-        self.decoder = ImageDecoder(self.feat_dim, config.cnn_depth)
+        self.decoder = head(self.feat_dim, config.hidden, config.mlp_layers, config.vae_z_dim) if self.vae is not None \
+            else ImageDecoder(self.feat_dim, config.cnn_depth)
         self.reward_head = head(self.feat_dim, config.hidden, config.mlp_layers, 1)
         continue_dim = config.deter if config.continue_input == "deter" else self.feat_dim
         self.continue_head = head(continue_dim, config.hidden, config.mlp_layers, 1)
@@ -250,8 +266,12 @@ class RSSM(nn.Module):
         return unimix_log_probs(shaped, self.config.unimix)
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """Float NCHW frames in [0, 1] -> embeddings (N, encoder.out_dim)."""
-        return self.encoder(frames)
+        """Float NCHW frames in [0, 1] -> embeddings (N, embed dim): the CNN's, or V's mean z."""
+        return self.embed(self.vae.encode(frames)[0] if self.vae is not None else frames)
+
+    def embed(self, observations: torch.Tensor) -> torch.Tensor:
+        """What the posterior reads, from training observations: frames through the CNN, or V's z as they are."""
+        return observations if self.vae is not None else self.encoder(observations)
 
     def initial_deter(self, n: int) -> torch.Tensor:
         """h_0 = 0 for n episodes."""
@@ -273,9 +293,13 @@ class RSSM(nn.Module):
         """[h, z] with z flattened (..., stoch * classes): what the heads read, and the dream's latent observation."""
         return torch.cat([deter, stoch], -1)
 
+    def reconstruct(self, feat: torch.Tensor) -> torch.Tensor:
+        """Feature -> the prediction of the training observation: frames, or V's z."""
+        return self.decoder(feat)
+
     def decode(self, feat: torch.Tensor) -> torch.Tensor:
         """Feature -> float NCHW frames (the mean image)."""
-        return self.decoder(feat)
+        return self.vae.decode(self.decoder(feat)) if self.vae is not None else self.decoder(feat)
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
         """Predicted reward in real units (symexp of the symlog-space head)."""
