@@ -153,8 +153,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"bundle      {path}")
     print(f"env         {manifest['env_id']}   (max {manifest['max_episode_steps']} steps)")
     if manifest["model_kind"] == "rssm":
+        vae_z = manifest["rssm"].get("vae_z_dim", 0)
+        seen = f"through V z {vae_z} of {info['vae_from']['bundle']}" if vae_z else "own CNN"
         print(f"model       rssm: GRU {dims['hidden_size']}, {dims['stoch']} x {dims['classes']} categorical latents, "
-              f"action dim {dims['action_dim']}")
+              f"action dim {dims['action_dim']}, frames seen {seen}")
     else:
         print(f"model       {manifest['model_kind']}: z {dims['z_dim']}, LSTM {dims['hidden_size']}, {dims['num_gaussians']} Gaussians, action dim {dims['action_dim']}")
     print(f"observation latent: Box(({dims['z_dim'] + dims['hidden_size']},), float32)  pixels: Box(0, 255, (64, 64, 3), uint8)")
@@ -179,7 +181,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(_done_line(m))
     if held.get("rssm"):
         m = held["rssm"]
-        print(f"held-out    RSSM reconstruction {m['reconstruction']:.2f} (sum sq. error per frame), KL[q || p] {m['kl']:.3f}, "
+        unit = "of V's z" if manifest["rssm"].get("vae_z_dim", 0) else "per frame"
+        print(f"held-out    RSSM reconstruction {m['reconstruction']:.2f} (sum sq. error {unit}), KL[q || p] {m['kl']:.3f}, "
               f"reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
         print(_done_line(m))
 

@@ -28,6 +28,7 @@ from dreamenv.train import (
     CHECKPOINT_SECONDS, cached_latents, data_summary, encode_action_array, load_rollout_data, make_source_env_limit,
     terminal_balance,
 )
+from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
 
@@ -294,7 +295,7 @@ def train_rssm_world_model(
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     vae, vae_info = None, {}
     if vae_from is not None:
-        source = WorldModel.load(vae_from)
+        source = load_world_model(vae_from)
         if source.vae is None:
             raise ValueError(f"{vae_from} is an RSSM bundle, which has no V: --vae-from takes a V + M bundle")
         vae, vae_info = source.vae, {"vae_from": {"bundle": str(vae_from), "fingerprint": source.fingerprint}}
@@ -309,9 +310,9 @@ def train_rssm_world_model(
     recipe = {"model": "rssm", **dataclasses.asdict(config)}
     (work / "config.json").write_text(json.dumps(recipe, indent=2))
     data = load_rollout_data(paths, with_frames=vae is None)  # through a V, its latents are all the RSSM reads
-    if vae is not None and data.env_id != source.env_id:
-        raise ValueError(f"{vae_from}'s V was trained on {source.env_id} frames and the stores hold {data.env_id}: "
-                         f"pass a bundle of {data.env_id}")
+    if vae is not None and (source.env_id, source.frame_spec) != (data.env_id, data.frame_spec):
+        raise ValueError(f"{vae_from}'s V was trained on {source.env_id} frames ({source.frame_spec}) and the stores "
+                         f"hold {data.env_id} ({data.frame_spec}): pass a bundle of these frames")
     observations = data.frames if vae is None else cached_latents(vae, paths, work / "latents")[0]
     bounds, arrays = data.bounds, data.arrays
     train_ids, heldout_ids = split_episode_ids(len(bounds), config.holdout_fraction, config.seed)

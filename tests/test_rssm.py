@@ -286,11 +286,16 @@ def _outputs(wm: WorldModel) -> list[torch.Tensor]:
                 model.reward(feat), model.continue_logit(feat), wm.initial_z]
 
 
-def test_an_rssm_through_a_trained_v(tiny_discrete: Tiny, tmp_path: Path) -> None:
+def test_an_rssm_through_a_trained_v(tiny_discrete: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--vae-from: the RSSM reads V's mean z and predicts it, V stays as it was, and the dream draws through V."""
     source = WorldModel.load(tiny_discrete.bundle)
-    config = RSSMTrainConfig(rssm=tiny_rssm_config(epochs=6))
-    wm = train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "b", config, progress=False, vae_from=tiny_discrete.bundle)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[train.rssm]\nhidden = 16\nbatch_size = 8\nlearning_rate = 1e-3\n")
+    assert main(["train", str(tiny_discrete.rollouts), "--model", "rssm", "--vae-from", str(tiny_discrete.bundle),
+                 "--out", str(tmp_path / "b"), "--config", str(recipe), "--hidden-size", "16", "--stoch", "4",
+                 "--classes", "4", "--rssm-epochs", "6", "--seq-len", "16"]) == 0
+    capsys.readouterr()
+    wm = WorldModel.load(tmp_path / "b")
     model = wm.rssm
     assert model.config.vae_z_dim == source.z_dim and model.encoder is None and wm.vae is None
     for name, tensor in source.vae.state_dict().items():
@@ -326,6 +331,9 @@ def test_an_rssm_through_a_trained_v(tiny_discrete: Tiny, tmp_path: Path) -> Non
     real = RealEnv(tmp_path / "b")
     assert real.observation_space == dream.observation_space
     real.close()
+    assert main(["info", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"frames seen through V z {source.z_dim} of {tiny_discrete.bundle}" in out and "sum sq. error of V's z" in out
 
 
 def test_an_rssm_through_v_refuses_what_does_not_fit(tiny_discrete: Tiny, tiny_box: Tiny, rssm_discrete: TinyRSSM,
