@@ -154,8 +154,9 @@ def train_rssm(
     if not episodes or episodes[0].frame_index is None:
         raise ValueError("train_rssm needs at least one training episode with frame_index set")
     if (vae.z_dim if vae is not None else 0) != config.vae_z_dim:
-        raise ValueError(f"RSSMConfig.vae_z_dim is {config.vae_z_dim} but the V given has z of "
-                         f"{vae.z_dim if vae is not None else 'no V'}: pass the V the observations were encoded with")
+        given = "no V was given" if vae is None else f"the V given has z of {vae.z_dim}"
+        raise ValueError(f"RSSMConfig.vae_z_dim is {config.vae_z_dim} but {given}: pass the V the observations were "
+                         "encoded with (vae_z_dim 0 trains on frames)")
     if config.terminal_weight == "balanced":
         config = dataclasses.replace(config, terminal_weight=terminal_balance(episodes))
     torch.manual_seed(seed)

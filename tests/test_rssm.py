@@ -348,6 +348,9 @@ def test_an_rssm_through_v_refuses_what_does_not_fit(tiny_discrete: Tiny, tiny_b
         train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "c", config, progress=False, vae_from=tiny_box.bundle)
     with pytest.raises(ValueError, match="vae_z_dim"):
         RSSMConfig(vae_z_dim=-1)
+    data, _, episodes = _sequence_episodes(tiny_discrete)
+    with pytest.raises(ValueError, match="vae_z_dim is 8 but no V was given"):
+        train_rssm(episodes, data.frames, dataclasses.replace(tiny_rssm_config(), vae_z_dim=8), tmp_path / "d")
 
 
 def test_bundle_round_trip(rssm: TinyRSSM, tmp_path: Path) -> None:
