@@ -613,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how M's p(done) ends a dream (default sample); expected: no death is drawn, each reward is "
                         "weighted by the chance of being alive")
     p.add_argument("--actor-gradient", choices=["reinforce", "dynamics"],
-                   help="actor-critic: reinforce (default) or dynamics: Box actions on an MDN-RNN bundle learn from the "
-                   "returns' gradient through M's steps, as DreamerV1/V2 for continuous control (with --done-mode expected)")
+                   help="actor-critic: reinforce (default) or dynamics: Box actions learn from the returns' gradient "
+                   "through the world model's steps (M's or the RSSM's), as Dreamer for continuous control (with "
+                   "--done-mode expected)")
     p.add_argument("--done-critics", nargs="+", metavar="BUNDLE",
                    help="actor-critic, with --done-mode expected: other Ms through the bundle's V follow each imagined "
                    "dream, and each step continues with 1 - the largest p(done) of all (ensemble pessimism on deaths)")

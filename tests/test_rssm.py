@@ -24,13 +24,17 @@ from torch.nn import functional as F
 
 import dreamenv
 import dreamenv.train_rssm
+from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
 from dreamenv.agents.controller import dream_returns, load_controller, train_controller
+from dreamenv.agents.dynamics import differentiable_step
+from dreamenv.agents.starts import StartStates
 from dreamenv.cli import main
 from dreamenv.data.preprocess import preprocess_frame
 from dreamenv.data.collect import collect
 from dreamenv.data.dataset import EpisodeData, open_rollouts, sequence_batches
 from dreamenv.envs.dream import DreamEnv, dream_core
 from dreamenv.envs.real import RealEnv
+from dreamenv.envs.rssm_core import RSSMState
 from dreamenv.envs.vector import DreamVectorEnv
 from dreamenv.fidelity import FidelityConfig, fidelity, plot_fidelity, trained_episodes
 from dreamenv.models.rssm import (
@@ -639,6 +643,43 @@ def test_sb3_adapter_and_ppo(rssm_box: TinyRSSM) -> None:
 
 
 # --- CMA-ES, evaluate, dream, info, collect -------------------------------------------------------------------
+
+def test_the_dynamics_gradient_through_the_rssm(rssm_box: TinyRSSM, tmp_path: Path) -> None:
+    """The autograd step gives RSSMDreamCore.step's next state, reward and p(done) from the same state, actions,
+    temperatures and noise, passes the gradient straight through the drawn classes to the actions, and the
+    actor-critic trains with it."""
+    wm = WorldModel.load(rssm_box.bundle)
+    core = dream_core(wm)
+    rng = np.random.default_rng(0)
+    start, _ = StartStates(core, None).draw(16, rng)
+    for _ in range(3):  # a few steps in, so h is not zero
+        start, _, _ = core.step(start, torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32)), 1.0,
+                                core.draw_noise(rng, 16))
+    start = RSSMState(*(x.clone() for x in start))
+    actions = torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32))
+    tau = torch.from_numpy(rng.uniform(0.5, 1.5, 16).astype(np.float32))
+    noise = core.draw_noise(rng, 16)
+    expected_state, expected_reward, _ = core.step(start, actions, tau, noise)
+    expected_done = core.done_probability(expected_state)
+
+    actions.requires_grad_(True)
+    state, reward, done = differentiable_step(wm, start, actions, tau, noise)
+    for got, want in zip(state, expected_state):
+        np.testing.assert_allclose(got.detach().numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reward.detach().numpy(), expected_reward, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(done.detach().numpy(), expected_done, rtol=1e-4, atol=1e-6)
+    state.stoch.sum().backward(retain_graph=True)  # through the drawn classes alone (straight through)
+    assert actions.grad is not None and float(actions.grad.abs().sum()) > 0
+
+    config = ActorCriticConfig(iterations=4, batch=8, horizon=5, hidden=16, layers=1, actor_gradient="dynamics",
+                               done_mode="expected", real_starts=False)
+    policy = train_actor_critic(rssm_box.bundle, tmp_path / "ac", config, progress=False)
+    info = json.loads((tmp_path / "ac" / "agent.json").read_text())
+    assert info["config"]["actor_gradient"] == "dynamics" and info["iterations"] == 4
+    assert all(math.isfinite(h["imagined_reward"]) for h in info["history"])
+    obs, _ = dreamenv.make_dream_vec(rssm_box.bundle, 4).reset(seed=0)
+    assert policy.predict(obs, deterministic=True)[0].shape == (4, 2)
+
 
 def test_cmaes_controller_in_the_rssm_dream(rssm: TinyRSSM) -> None:
     ctrl = load_controller(rssm.controller, rssm.bundle)

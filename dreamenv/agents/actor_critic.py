@@ -8,9 +8,9 @@ exactly as RealEnv follows the game. Without readable rollouts the dreams start 
 and go on from where the last update left them, so the starts still cover whole dream episodes. A dream M ends
 restarts from the same kind of start. Lambda-returns bootstrap from a slow target critic; the critic regresses them in
 symlog space; the actor follows REINFORCE with advantages divided by max(1, EMA of the returns' 5th-95th percentile
-range), plus an entropy bonus. For Box actions on an MDN-RNN, actor_gradient "dynamics" instead backpropagates the
-lambda-returns (divided by the same range) through M's steps into the actions, as DreamerV1 and V2 do for continuous
-control (dreamenv.agents.dynamics). Discrete actions
+range), plus an entropy bonus. For Box actions, actor_gradient "dynamics" instead backpropagates the lambda-returns
+(divided by the same range) through the world model's steps (M's or the RSSM's) into the actions, as DreamerV1 to V3
+do for continuous control (dreamenv.agents.dynamics). Discrete actions
 come from a categorical with 1% uniform mixed in, Box actions from DreamerV3's bounded normal: mean tanh(.), std in
 [0.1, 1], samples clipped to [-1, 1] and mapped linearly onto the Box's [low, high].
 """
@@ -36,7 +36,7 @@ from dreamenv.agents.done_critics import DoneCritics
 from dreamenv.agents.starts import StartStates, real_start_bank, recorded_rollouts
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
 from dreamenv.config import checked_temperature_range, config_from_table
-from dreamenv.envs.dream import TRAINING_DONE_MODES, DreamState, checked_done_mode, dream_core
+from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.spaces import space_from_json, space_to_json
@@ -72,7 +72,7 @@ class ActorCriticConfig:
     temperature: float | None = None  # None: the bundle's default
     temperature_range: tuple[float, float] | None = None  # each dream's tau drawn uniformly from it (overrides temperature)
     done_mode: str = "sample"  # "sample" / "threshold": imagined dreams end as DreamEnv's; "expected": see the module doc
-    actor_gradient: str = "reinforce"  # or "dynamics": returns differentiated through M (Box, MDN-RNN, expected ends)
+    actor_gradient: str = "reinforce"  # or "dynamics": returns differentiated through the model (Box, expected ends)
     done_threshold: float = 0.5
     done_critics: list[str] | None = None  # bundles (same V) whose Ms also judge each step: 1 - the largest p(done) continues
     checkpoint_every: int = 250  # updates between checkpoints; a rerun resumes from the last one
@@ -278,8 +278,8 @@ def actor_critic_losses(model: ActorCritic, head: ActionHead, batch: dict[str, t
     """The actor's and the critic's loss on a (horizon, batch) imagined batch; updates state["return_range"].
 
     REINFORCE (a batch without a graph): advantage x log-prob of the actions taken. Dynamics (a batch built in the
-    graph by dreamenv.agents.dynamics): the lambda-returns themselves, whose gradient runs back through M into the
-    actions. Both divide by max(1, return range) and add the entropy bonus; the critic regresses the returns in
+    graph by dreamenv.agents.dynamics): the lambda-returns themselves, whose gradient runs back through the world
+    model into the actions. Both divide by max(1, return range) and add the entropy bonus; the critic regresses the returns in
     symlog space.
     """
     next_values = symexp(model.target_critic(batch["successors"]).squeeze(-1))
@@ -324,7 +324,7 @@ def train_actor_critic(
     dynamics = config.actor_gradient == "dynamics"
     if dynamics:
         check_dynamics_gradient(wm)
-        wm.mdnrnn.requires_grad_(False)  # the gradient passes through M to the actions; M itself stays as trained
+        (wm.rssm if wm.rssm is not None else wm.mdnrnn).requires_grad_(False)  # the gradient passes through; it stays
     if (out / "agent.json").is_file():
         previous = read_agent_info(out)
         check_agent_bundle(previous, wm, out)
@@ -404,12 +404,12 @@ def train_actor_critic(
         """`horizon` dream steps in the autograd graph (the dynamics gradient's batch); dreams past the step limit
         restart afterwards."""
         nonlocal dream
-        batch, last = imagine_differentiably(wm, DreamState(*(x.clone() for x in dream)), elapsed, config.horizon,
+        batch, last = imagine_differentiably(wm, type(dream)(*(x.clone() for x in dream)), elapsed, config.horizon,
                                              lambda obs: head.distribution(model.actor(obs)).rsample(),
                                              temperature if tau is None else torch.from_numpy(tau),
                                              [core.draw_noise(rng, config.batch) for _ in range(config.horizon)],
                                              config.obs_mode)
-        dream = DreamState(*(x.detach().clone() for x in last))  # the graph keeps `last`; restarts write in place
+        dream = type(last)(*(x.detach().clone() for x in last))  # the graph keeps `last`; restarts write in place
         elapsed[:] += config.horizon
         restart(np.flatnonzero(elapsed >= wm.max_episode_steps))
         return batch
