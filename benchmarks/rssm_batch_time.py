@@ -1,10 +1,10 @@
 """Seconds per RSSM training batch (forward, backward, Adam step) on one thread, and the epoch time it implies.
 
-    OMP_NUM_THREADS=1 python benchmarks/rssm_batch_time.py configs/vizdoom_takecover_rssm.toml [--defaults]
+    OMP_NUM_THREADS=1 python benchmarks/rssm_batch_time.py configs/vizdoom_takecover_rssm.toml [--defaults] [--vae-z N]
 
 Reads the recipe's [train.rssm] table (or, with --defaults, RSSMConfig()'s sizes) and [run] rollouts (for the batch
 count; without it, only the time per batch and steps per second) and times random batches: the cost does not depend
-on the pixels, or on the latents of an RSSM that sees through a V (vae_z_dim).
+on the pixels, or on the latents of an RSSM that sees through a V (--vae-z N: a V of z size N, as --vae-from sets).
 """
 import dataclasses
 import sys
@@ -21,6 +21,8 @@ from dreamenv.train_rssm import count_batches, rssm_losses
 torch.set_num_threads(1)
 recipe = load_recipe(sys.argv[1])
 c = RSSMConfig() if "--defaults" in sys.argv[2:] else RSSMConfig.from_dict(recipe["train"]["rssm"])
+if "--vae-z" in sys.argv:
+    c = dataclasses.replace(c, vae_z_dim=int(sys.argv[sys.argv.index("--vae-z") + 1]))
 if c.terminal_weight == "balanced":  # train_rssm resolves it from the data; its value costs nothing
     c = dataclasses.replace(c, terminal_weight=1.0)
 B, T = c.batch_size, c.seq_len
