@@ -644,6 +644,20 @@ def test_sb3_adapter_and_ppo(rssm_box: TinyRSSM) -> None:
 
 # --- CMA-ES, evaluate, dream, info, collect -------------------------------------------------------------------
 
+@pytest.mark.parametrize("done_mode", ["sample", "expected"])
+def test_the_actor_critic_trains_in_an_rssm_dream(rssm_discrete: TinyRSSM, tmp_path: Path, done_mode: str) -> None:
+    """REINFORCE from real starts of the bundle's rollouts, with drawn or expected ends (a regression: the done-critic
+    code once read an MDN-RNN state's z from every dream)."""
+    config = ActorCriticConfig(iterations=3, batch=8, horizon=5, hidden=16, layers=1, done_mode=done_mode,
+                               real_start_episodes=4)
+    policy = train_actor_critic(rssm_discrete.bundle, tmp_path / "ac", config, progress=False)
+    info = json.loads((tmp_path / "ac" / "agent.json").read_text())
+    assert info["starts"] == "real" and info["iterations"] == 3
+    assert all(math.isfinite(h["imagined_reward"]) for h in info["history"])
+    obs, _ = dreamenv.make_dream_vec(rssm_discrete.bundle, 4).reset(seed=0)
+    assert policy.predict(obs, deterministic=True)[0].shape == (4,)
+
+
 def test_the_dynamics_gradient_through_the_rssm(rssm_box: TinyRSSM, tmp_path: Path) -> None:
     """The autograd step gives RSSMDreamCore.step's next state, reward and p(done) from the same state, actions,
     temperatures and noise, passes the gradient straight through the drawn classes to the actions, and the

@@ -382,7 +382,8 @@ def train_actor_critic(
             obs = core.observe(dream, config.obs_mode)
             with torch.no_grad():
                 actions = head.distribution(model.actor(torch.from_numpy(obs))).sample()
-            z, encoded = dream.z, wm.encode_actions(head.to_env(actions))
+            encoded = wm.encode_actions(head.to_env(actions))
+            z = dream.z if critics is not None else None  # (an RSSM state has no z; critics need an MDN-RNN)
             dream, rewards, terminated = core.step(dream, encoded, temperature if tau is None else torch.from_numpy(tau),
                                                    core.draw_noise(rng, config.batch), step_done_mode, config.done_threshold)
             if expected:  # the dream runs on; its return is discounted by p(continue) instead
