@@ -9,7 +9,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -142,3 +142,38 @@ backend = "serial"
 {tables}
 """)
     return recipe
+
+
+def assert_differentiable_step_is_the_dream_step(bundle: Path, gradient_of: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+    """The autograd step of the dynamics gradient gives the dream core's next state, reward and p(done) from the same
+    state, Box actions (2 of them), temperatures and noise, and gradient_of(state, reward) reaches the actions."""
+    import numpy as np
+
+    from dreamenv.agents.dynamics import differentiable_step
+    from dreamenv.agents.starts import StartStates
+    from dreamenv.envs.dream import dream_core
+    from dreamenv.worldmodel import WorldModel
+
+    wm = WorldModel.load(bundle)
+    core = dream_core(wm)
+    rng = np.random.default_rng(0)
+    start, _ = StartStates(core, None).draw(16, rng)
+    for _ in range(3):  # a few steps in, so the recurrent state is not zero
+        start, _, _ = core.step(start, torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32)), 1.0,
+                                core.draw_noise(rng, 16))
+    start = type(start)(*(x.clone() for x in start))
+    actions = torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32))
+    tau = torch.from_numpy(rng.uniform(0.5, 1.5, 16).astype(np.float32))
+    noise = core.draw_noise(rng, 16)
+    expected_state, expected_reward, _ = core.step(start, actions, tau, noise)
+    expected_done = core.done_probability(expected_state)
+    expected_state = [x.clone() for x in expected_state]  # the core's buffers are reused by the next step
+
+    actions.requires_grad_(True)
+    state, reward, done = differentiable_step(wm, start, actions, tau, noise)
+    for got, want in zip(state, expected_state):
+        np.testing.assert_allclose(got.detach().numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reward.detach().numpy(), expected_reward, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(done.detach().numpy(), expected_done, rtol=1e-4, atol=1e-6)
+    gradient_of(state, reward).backward()
+    assert actions.grad is not None and float(actions.grad.abs().sum()) > 0

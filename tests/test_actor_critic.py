@@ -14,7 +14,7 @@ import dreamenv
 from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCriticPolicy, alive_weights, lambda_returns,
                                           mlp, train_actor_critic)
 from dreamenv.agents.controller import LinearController
-from dreamenv.agents.dynamics import differentiable_step, imagine_differentiably
+from dreamenv.agents.dynamics import imagine_differentiably
 from dreamenv.agents.ensemble import save_ensemble
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
@@ -23,7 +23,7 @@ from dreamenv.compare import load_policy
 from dreamenv.data.dataset import open_rollouts
 from dreamenv.envs.dream import DreamState, dream_core
 from dreamenv.worldmodel import WorldModel
-from tests.conftest import Tiny
+from tests.conftest import Tiny, assert_differentiable_step_is_the_dream_step
 
 CAR_RACING_LIKE = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))  # steer, gas, brake
 
@@ -180,31 +180,8 @@ def test_box_policy_stays_in_bounds_and_round_trips(tiny_box: Tiny, tmp_path: Pa
 
 
 def test_differentiable_step_is_the_dream_step(tiny_box: Tiny) -> None:
-    """The autograd step of the dynamics gradient gives DreamCore.step's next state, reward and p(done) from the same
-    state, actions, temperatures and noise, and passes the reward's gradient back to the actions."""
-    wm = WorldModel.load(tiny_box.bundle)
-    core = dream_core(wm)
-    rng = np.random.default_rng(0)
-    start, _ = StartStates(core, None).draw(16, rng)
-    for _ in range(3):  # a few steps in, so h and c are not zero
-        start, _, _ = core.step(start, torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32)), 1.0,
-                                core.draw_noise(rng, 16))
-    start = DreamState(*(x.clone() for x in start))
-    actions = torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32))
-    tau = torch.from_numpy(rng.uniform(0.5, 1.5, 16).astype(np.float32))
-    noise = core.draw_noise(rng, 16)
-    expected_state, expected_reward, _ = core.step(start, actions, tau, noise)
-    expected_done = core.done_probability(expected_state)
-    expected_state = [x.clone() for x in expected_state]  # the core's buffers are reused by the next step
-
-    actions.requires_grad_(True)
-    state, reward, done = differentiable_step(wm, start, actions, tau, noise)
-    for got, want in zip(state, expected_state):
-        np.testing.assert_allclose(got.detach().numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(reward.detach().numpy(), expected_reward, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(done.detach().numpy(), expected_done, rtol=1e-4, atol=1e-6)
-    (reward.sum() + state.z.sum()).backward()
-    assert actions.grad is not None and float(actions.grad.abs().sum()) > 0
+    """The autograd step of the dynamics gradient is DreamCore.step, and passes the reward's gradient to the actions."""
+    assert_differentiable_step_is_the_dream_step(tiny_box.bundle, lambda state, reward: reward.sum() + state.z.sum())
 
 
 def test_differentiable_imagination_stops_counting_at_the_step_limit(tiny_box: Tiny) -> None:

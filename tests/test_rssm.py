@@ -26,15 +26,12 @@ import dreamenv
 import dreamenv.train_rssm
 from dreamenv.agents.actor_critic import ActorCriticConfig, train_actor_critic
 from dreamenv.agents.controller import dream_returns, load_controller, train_controller
-from dreamenv.agents.dynamics import differentiable_step
-from dreamenv.agents.starts import StartStates
 from dreamenv.cli import main
 from dreamenv.data.preprocess import preprocess_frame
 from dreamenv.data.collect import collect
 from dreamenv.data.dataset import EpisodeData, open_rollouts, sequence_batches
 from dreamenv.envs.dream import DreamEnv, dream_core
 from dreamenv.envs.real import RealEnv
-from dreamenv.envs.rssm_core import RSSMState
 from dreamenv.envs.vector import DreamVectorEnv
 from dreamenv.fidelity import FidelityConfig, fidelity, plot_fidelity, trained_episodes
 from dreamenv.models.rssm import (
@@ -44,7 +41,7 @@ from dreamenv.models.vae import frames_to_tensor
 from dreamenv.train import encode_action_array, load_rollout_data, terminal_balance
 from dreamenv.train_rssm import RSSMTrainConfig, filtered_deter, rssm_losses, train_rssm, train_rssm_world_model
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
-from tests.conftest import Tiny, tiny_cmaes_config, tiny_recipe
+from tests.conftest import Tiny, assert_differentiable_step_is_the_dream_step, tiny_cmaes_config, tiny_recipe
 from tests.tiny_envs import MODULE, PIXELS_ID
 
 
@@ -662,28 +659,8 @@ def test_the_dynamics_gradient_through_the_rssm(rssm_box: TinyRSSM, tmp_path: Pa
     """The autograd step gives RSSMDreamCore.step's next state, reward and p(done) from the same state, actions,
     temperatures and noise, passes the gradient straight through the drawn classes to the actions, and the
     actor-critic trains with it."""
-    wm = WorldModel.load(rssm_box.bundle)
-    core = dream_core(wm)
-    rng = np.random.default_rng(0)
-    start, _ = StartStates(core, None).draw(16, rng)
-    for _ in range(3):  # a few steps in, so h is not zero
-        start, _, _ = core.step(start, torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32)), 1.0,
-                                core.draw_noise(rng, 16))
-    start = RSSMState(*(x.clone() for x in start))
-    actions = torch.from_numpy(rng.uniform(-1, 1, (16, 2)).astype(np.float32))
-    tau = torch.from_numpy(rng.uniform(0.5, 1.5, 16).astype(np.float32))
-    noise = core.draw_noise(rng, 16)
-    expected_state, expected_reward, _ = core.step(start, actions, tau, noise)
-    expected_done = core.done_probability(expected_state)
-
-    actions.requires_grad_(True)
-    state, reward, done = differentiable_step(wm, start, actions, tau, noise)
-    for got, want in zip(state, expected_state):
-        np.testing.assert_allclose(got.detach().numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(reward.detach().numpy(), expected_reward, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(done.detach().numpy(), expected_done, rtol=1e-4, atol=1e-6)
-    state.stoch.sum().backward(retain_graph=True)  # through the drawn classes alone (straight through)
-    assert actions.grad is not None and float(actions.grad.abs().sum()) > 0
+    # through the drawn classes alone (straight through)
+    assert_differentiable_step_is_the_dream_step(rssm_box.bundle, lambda state, reward: state.stoch.sum())
 
     config = ActorCriticConfig(iterations=4, batch=8, horizon=5, hidden=16, layers=1, actor_gradient="dynamics",
                                done_mode="expected", real_starts=False)
