@@ -154,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"env         {manifest['env_id']}   (max {manifest['max_episode_steps']} steps)")
     if manifest["model_kind"] == "rssm":
         vae_z = manifest["rssm"].get("vae_z_dim", 0)
-        seen = f"through V z {vae_z} of {info['vae_from']['bundle']}" if vae_z else "own CNN"
+        seen = f"through V z {vae_z} of {info.get('vae_from', {}).get('bundle', 'another bundle')}" if vae_z else "own CNN"
         print(f"model       rssm: GRU {dims['hidden_size']}, {dims['stoch']} x {dims['classes']} categorical latents, "
               f"action dim {dims['action_dim']}, frames seen {seen}")
     else:

@@ -385,6 +385,16 @@ def read_frames(paths: Sequence[str | Path], index: np.ndarray, chunk_steps: int
     return frames
 
 
+def bundle_with_vae(bundle: str | Path, env_id: str, frame_spec: Any) -> WorldModel:
+    """A V + M bundle whose V is to encode frames of env_id and frame_spec; ValueError naming the problem otherwise."""
+    base = load_world_model(bundle)
+    if base.vae is None:
+        raise ValueError(f"{bundle} is an RSSM bundle, which has no V: pass a V + M bundle")
+    if (base.env_id, base.frame_spec) != (env_id, frame_spec):
+        raise ValueError(f"{bundle} sees {base.env_id} frames ({base.frame_spec}); the rollouts are {env_id} ({frame_spec})")
+    return base
+
+
 def train_world_model(
     rollouts_path: str | Path | Sequence[str | Path],
     out: str | Path,
@@ -420,10 +430,7 @@ def train_world_model(
     heldout_index = np.concatenate([np.arange(*bounds[i]) for i in heldout_ids]) if len(heldout_ids) else np.zeros(0, int)
 
     def base_vae(bundle: str | Path) -> ConvVAE:
-        base = load_world_model(bundle)
-        if (base.env_id, base.frame_spec) != (env_id, frame_spec):
-            raise ValueError(f"{bundle} sees {base.env_id} frames ({base.frame_spec}); the rollouts are {env_id} ({frame_spec})")
-        return base.vae
+        return bundle_with_vae(bundle, env_id, frame_spec).vae
 
     if vae_from is None:
         init = base_vae(vae_init_from) if vae_init_from is not None else None

@@ -25,10 +25,9 @@ from dreamenv.models.rssm import (
 )
 from dreamenv.models.vae import ConvVAE, frames_to_tensor
 from dreamenv.train import (
-    CHECKPOINT_SECONDS, cached_latents, data_summary, encode_action_array, load_rollout_data, make_source_env_limit,
+    CHECKPOINT_SECONDS, bundle_with_vae, cached_latents, data_summary, encode_action_array, load_rollout_data, make_source_env_limit,
     terminal_balance,
 )
-from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
 
@@ -294,26 +293,21 @@ def train_rssm_world_model(
     paths = [rollouts_path] if isinstance(rollouts_path, (str, Path)) else list(rollouts_path)
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    if vae_from is None and config.rssm.vae_z_dim:
+        raise ValueError(f"vae_z_dim = {config.rssm.vae_z_dim} sees the frames through a trained V: name its bundle "
+                         "with --vae-from BUNDLE (vae_from=), or drop vae_z_dim for the RSSM's own CNN")
+    data = load_rollout_data(paths, with_frames=vae_from is None)  # through a V, its latents are all the RSSM reads
     vae, vae_info = None, {}
     if vae_from is not None:
-        source = load_world_model(vae_from)
-        if source.vae is None:
-            raise ValueError(f"{vae_from} is an RSSM bundle, which has no V: --vae-from takes a V + M bundle")
+        source = bundle_with_vae(vae_from, data.env_id, data.frame_spec)
         vae, vae_info = source.vae, {"vae_from": {"bundle": str(vae_from), "fingerprint": source.fingerprint}}
         if config.rssm.vae_z_dim not in (0, vae.z_dim):
             raise ValueError(f"the recipe sets vae_z_dim = {config.rssm.vae_z_dim} but {vae_from}'s V has z of "
                              f"{vae.z_dim}: drop vae_z_dim (--vae-from sets it)")
         config = dataclasses.replace(config, rssm=dataclasses.replace(config.rssm, vae_z_dim=vae.z_dim))
-    elif config.rssm.vae_z_dim:
-        raise ValueError(f"vae_z_dim = {config.rssm.vae_z_dim} sees the frames through a trained V: name its bundle "
-                         "with --vae-from BUNDLE (vae_from=), or drop vae_z_dim for the RSSM's own CNN")
     work.mkdir(parents=True, exist_ok=True)
     recipe = {"model": "rssm", **dataclasses.asdict(config)}
     (work / "config.json").write_text(json.dumps(recipe, indent=2))
-    data = load_rollout_data(paths, with_frames=vae is None)  # through a V, its latents are all the RSSM reads
-    if vae is not None and (source.env_id, source.frame_spec) != (data.env_id, data.frame_spec):
-        raise ValueError(f"{vae_from}'s V was trained on {source.env_id} frames ({source.frame_spec}) and the stores "
-                         f"hold {data.env_id} ({data.frame_spec}): pass a bundle of these frames")
     observations = data.frames if vae is None else cached_latents(vae, paths, work / "latents")[0]
     bounds, arrays = data.bounds, data.arrays
     train_ids, heldout_ids = split_episode_ids(len(bounds), config.holdout_fraction, config.seed)

@@ -38,7 +38,7 @@ from dreamenv.models.rssm import (
     RSSM, RSSMConfig, categorical_kl, mode_one_hot, sample_categorical, symexp, symlog, unimix_log_probs,
 )
 from dreamenv.models.vae import frames_to_tensor
-from dreamenv.train import encode_action_array, load_rollout_data, terminal_balance
+from dreamenv.train import encode_action_array, load_rollout_data, terminal_balance, train_world_model
 from dreamenv.train_rssm import RSSMTrainConfig, filtered_deter, rssm_losses, train_rssm, train_rssm_world_model
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
 from tests.conftest import Tiny, assert_differentiable_step_is_the_dream_step, tiny_cmaes_config, tiny_recipe
@@ -342,10 +342,12 @@ def test_an_rssm_through_v_refuses_what_does_not_fit(tiny_discrete: Tiny, tiny_b
     config = RSSMTrainConfig(rssm=tiny_rssm_config(epochs=1))
     with pytest.raises(ValueError, match="has no V"):
         train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "a", config, progress=False, vae_from=rssm_discrete.bundle)
+    with pytest.raises(ValueError, match="has no V"):  # the same check for an M trained through a bundle's V
+        train_world_model(tiny_discrete.rollouts, tmp_path / "m", vae_from=rssm_discrete.bundle, progress=False)
     with pytest.raises(ValueError, match="--vae-from"):
         train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "b", RSSMTrainConfig(rssm=dataclasses.replace(
             tiny_rssm_config(), vae_z_dim=8)), progress=False)
-    with pytest.raises(ValueError, match="trained on .*TinyPixelsBox.* frames"):
+    with pytest.raises(ValueError, match="sees .*TinyPixelsBox.* frames.*the rollouts are"):
         train_rssm_world_model(tiny_discrete.rollouts, tmp_path / "c", config, progress=False, vae_from=tiny_box.bundle)
     with pytest.raises(ValueError, match="vae_z_dim"):
         RSSMConfig(vae_z_dim=-1)

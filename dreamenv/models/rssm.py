@@ -267,7 +267,7 @@ class RSSM(nn.Module):
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Float NCHW frames in [0, 1] -> embeddings (N, embed dim): the CNN's, or V's mean z."""
-        return self.embed(self.vae.encode(frames)[0] if self.vae is not None else frames)
+        return self.vae.encode(frames)[0] if self.vae is not None else self.encoder(frames)
 
     def embed(self, observations: torch.Tensor) -> torch.Tensor:
         """What the posterior reads, from training observations: frames through the CNN, or V's z as they are."""
