@@ -148,7 +148,7 @@ def train_rssm(
     With config.continue_refit_epochs, the continue head is then refit alone (refit_continue_head); the checkpoint
     keeps the jointly trained model, so adding a refit to a finished run's recipe only runs the refit.
     With config.vae_z_dim, `vae` is the trained V (of that z size) the model sees through, and observations are its
-    mean latents of the frames; it stays frozen.
+    mean latents of the frames; it stays frozen, and a checkpoint that saw the frames through another V is refused.
     """
     if not episodes or episodes[0].frame_index is None:
         raise ValueError("train_rssm needs at least one training episode with frame_index set")
@@ -165,6 +165,10 @@ def train_rssm(
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=config.learning_rate, eps=config.adam_eps)
     state = load_checkpoint(checkpoint_dir, model, optimizer) or {"epoch": 0, "batch": 0}
+    if vae is not None and any(not torch.equal(tensor, model.vae.state_dict()[name])
+                               for name, tensor in vae.state_dict().items()):
+        raise ValueError(f"{checkpoint_dir} holds a run that sees the frames through another V than the one given: "
+                         "resume with the same --vae-from, or delete that directory to start over with this V")
     n_batches = count_batches(episodes, config)
     bar = tqdm(total=config.epochs * n_batches, initial=state["epoch"] * n_batches + state["batch"],
                desc="train RSSM", unit="batch", disable=not progress)

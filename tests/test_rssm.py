@@ -2,6 +2,7 @@
 SB3 adapter, CMA-ES, evaluate, dream GIF, info, collect with a controller, pipeline and iterate) on tiny RSSM bundles."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -354,6 +355,15 @@ def test_an_rssm_through_v_refuses_what_does_not_fit(tiny_discrete: Tiny, tiny_b
     data, _, episodes = _sequence_episodes(tiny_discrete)
     with pytest.raises(ValueError, match="vae_z_dim is 8 but no V was given"):
         train_rssm(episodes, data.frames, dataclasses.replace(tiny_rssm_config(), vae_z_dim=8), tmp_path / "d")
+    source = WorldModel.load(tiny_discrete.bundle).vae
+    latents = source.encode(frames_to_tensor(data.frames))[0].detach().numpy()
+    through_v = dataclasses.replace(tiny_rssm_config(epochs=1), vae_z_dim=source.z_dim)
+    train_rssm(episodes, latents, through_v, tmp_path / "e", progress=False, vae=source)
+    other = copy.deepcopy(source)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="another V than the one given"):  # resuming must not swap in the old V
+        train_rssm(episodes, latents, dataclasses.replace(through_v, epochs=2), tmp_path / "e", progress=False, vae=other)
 
 
 def test_bundle_round_trip(rssm: TinyRSSM, tmp_path: Path) -> None:
