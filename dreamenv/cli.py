@@ -175,15 +175,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     if held.get("mdnrnn"):
         m = held["mdnrnn"]
         print(f"held-out M  z NLL {m['z_nll']:.3f}, reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
-        if "return_correlation" in m:
-            print(f"            episode returns (teacher-forced): correlation {_fmt(m['return_correlation'])}, "
-                  f"mean abs. error {m['return_mae']:.2f}")
-        print(_done_line(m))
     if held.get("rssm"):
         m = held["rssm"]
         unit = "of V's z" if manifest["rssm"].get("vae_z_dim", 0) else "per frame"
         print(f"held-out    RSSM reconstruction {m['reconstruction']:.2f} (sum sq. error {unit}), KL[q || p] {m['kl']:.3f}, "
               f"reward MSE {m['reward_mse']:.4f} (MAE {m['reward_mae']:.4f})")
+    m = held.get("mdnrnn") or held.get("rssm")
+    if m:
+        if "return_correlation" in m:  # bundles of earlier versions lack it
+            print(f"            episode returns (teacher-forced): correlation {_fmt(m['return_correlation'])}, "
+                  f"mean abs. error {m['return_mae']:.2f}")
         print(_done_line(m))
 
 

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from dreamenv.models.rssm import (
 from dreamenv.models.vae import ConvVAE, frames_to_tensor
 from dreamenv.train import (
     CHECKPOINT_SECONDS, bundle_with_vae, cached_latents, data_summary, encode_action_array, load_rollout_data, make_source_env_limit,
-    terminal_balance,
+    return_correlation, terminal_balance,
 )
 from dreamenv.worldmodel import WorldModel
 
@@ -205,19 +205,38 @@ REFIT_BATCH = 1024  # steps per update of the continue-head refit
 REFIT_LEARNING_RATE = 1e-3
 
 
-@torch.no_grad()
-def filtered_deter(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """h after every step of whole episodes, filtered through the posterior's modes as RealEnv does, and each step's
-    done flag: (steps, deter), (steps,)."""
+def filtered_episodes(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray,
+                      batch_size: int = 4) -> Iterator[tuple[SequencePosteriors, dict[str, torch.Tensor]]]:
+    """Whole episodes, a few at a time, filtered through the posterior's modes from h_0 = 0 as RealEnv does: each
+    batch's states and the batch itself."""
     longest = max(len(e.actions) for e in episodes)
-    deters, dones = [], []
     for batch in sequence_batches(episodes, longest, batch_size, np.random.default_rng(0)):
-        seq = observe_sequences(model, batch_observations(observations, batch["frame_index"]), batch["actions"], batch["next_mask"],
-                                sample=False)
+        yield observe_sequences(model, batch_observations(observations, batch["frame_index"]), batch["actions"],
+                                batch["next_mask"], sample=False), batch
+
+
+@torch.no_grad()
+def filtered_deter(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """h after every step of whole episodes (filtered_episodes) and each step's done flag: (steps, deter), (steps,)."""
+    deters, dones = [], []
+    for seq, batch in filtered_episodes(model, episodes, observations):
         keep = batch["step_mask"].bool()
         deters.append(seq.deter[:, 1:][keep])
         dones.append(batch["dones"][keep])
     return torch.cat(deters), torch.cat(dones)
+
+
+@torch.no_grad()
+def episode_returns(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray) -> tuple[list[float], list[float]]:
+    """Real and predicted (teacher-forced: the reward head after each step of the filtered episode) episode returns,
+    the measure `dreamenv info` gives for M too: can the dream rank good play above bad?"""
+    real, predicted = [], []
+    for seq, batch in filtered_episodes(model, episodes, observations):
+        step_mask = batch["step_mask"]
+        rewards = symexp(model.reward_head(model.feature(seq.deter, seq.stoch)[:, 1:]).squeeze(-1))
+        real += (batch["rewards"] * step_mask).sum(1).tolist()
+        predicted += (rewards * step_mask).sum(1).tolist()
+    return real, predicted
 
 
 def refit_continue_head(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray, seed: int = 0,
@@ -240,7 +259,8 @@ def refit_continue_head(model: RSSM, episodes: list[EpisodeData], observations: 
 @torch.inference_mode()
 def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], observations: np.ndarray) -> dict[str, Any]:
     """Held-out one-step quality through the posterior filter (modes, as RealEnv): image error, KL[q || p],
-    reward error in real units, and done precision/recall (done = 1 - p(continue))."""
+    reward error in real units, done precision/recall (done = 1 - p(continue)), and how well the teacher-forced
+    episode returns follow the real ones."""
     if not episodes:
         return {}
     config = model.config
@@ -259,12 +279,15 @@ def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], observations:
         rew_abs += err.abs().sum().item()
         steps += step_mask.sum().item()
         done.add(torch.sigmoid(-losses["continue_logit"]), batch["dones"], step_mask)
+    real_returns, predicted_returns = episode_returns(model, episodes, observations)
     return {
         "reconstruction": image_sum / frames_seen,
         "kl": kl_sum / max(kl_n, 1),
         "reward_mse": rew_sq / steps,
         "reward_mae": rew_abs / steps,
         **done.metrics(),
+        "return_correlation": return_correlation(real_returns, predicted_returns),
+        "return_mae": float(np.mean(np.abs(np.subtract(predicted_returns, real_returns)))),
         "steps": steps,
         "episodes": len(episodes),
     }

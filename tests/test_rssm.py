@@ -40,7 +40,9 @@ from dreamenv.models.rssm import (
 )
 from dreamenv.models.vae import frames_to_tensor
 from dreamenv.train import encode_action_array, load_rollout_data, terminal_balance, train_world_model
-from dreamenv.train_rssm import RSSMTrainConfig, filtered_deter, rssm_losses, train_rssm, train_rssm_world_model
+from dreamenv.train_rssm import (
+    RSSMTrainConfig, episode_returns, filtered_deter, rssm_losses, train_rssm, train_rssm_world_model,
+)
 from dreamenv.worldmodel import BundleError, WorldModel, read_manifest
 from tests.conftest import Tiny, assert_differentiable_step_is_the_dream_step, tiny_cmaes_config, tiny_recipe
 from tests.tiny_envs import MODULE, PIXELS_ID
@@ -385,6 +387,21 @@ def test_bundle_round_trip(rssm: TinyRSSM, tmp_path: Path) -> None:
     assert held["episodes"] >= 1 and np.isfinite(held["reconstruction"]) and held["kl"] >= 0
     assert held["reward_mae"] ** 2 <= held["reward_mse"] + 1e-9
     assert manifest["info"]["recipe"]["model"] == "rssm" and manifest["info"]["data"]["episodes"] == 12
+    assert "return_correlation" in held and held["return_mae"] >= 0
+
+
+def test_teacher_forced_episode_returns(rssm: TinyRSSM) -> None:
+    """The held-out return measure sums the reward head's predictions over whole filtered episodes, as the loss makes them."""
+    data, _, episodes = _sequence_episodes(rssm.base)
+    model = WorldModel.load(rssm.bundle).rssm
+    real, predicted = episode_returns(model, episodes, data.frames)
+    np.testing.assert_allclose(sorted(real), sorted(float(e.rewards.sum()) for e in episodes), rtol=1e-5)
+    one_by_one = []
+    with torch.no_grad():
+        for episode in episodes:
+            batch = next(sequence_batches([episode], len(episode.actions), 1, np.random.default_rng(0)))
+            one_by_one.append(float(symexp(rssm_losses(model, batch, data.frames, sample=False)["reward_pred"]).sum()))
+    np.testing.assert_allclose(sorted(predicted), sorted(one_by_one), rtol=1e-4, atol=1e-4)
 
 
 def test_bundle_errors(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
@@ -710,7 +727,7 @@ def test_cli_train_info_evaluate_dream(rssm_discrete: TinyRSSM, tmp_path: Path, 
     assert main(["info", str(rssm_discrete.bundle)]) == 0
     out = capsys.readouterr().out
     assert "rssm: GRU 16, 4 x 4 categorical latents, action dim 3" in out and f"({OBS_DIM},)" in out
-    assert "RSSM reconstruction" in out and "done precision" in out
+    assert "RSSM reconstruction" in out and "episode returns (teacher-forced)" in out and "done precision" in out
 
     result = tmp_path / "result.json"
     argv = ["evaluate", str(rssm_discrete.bundle), "--controller", str(rssm_discrete.controller), "--episodes", "2",
