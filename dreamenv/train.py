@@ -233,18 +233,18 @@ def mdnrnn_heldout_metrics(model: MDNRNN, episodes: list[EpisodeData], config: M
         "reward_mse": rew_sq / steps,
         "reward_mae": rew_abs / steps,
         **done.metrics(),
-        "return_correlation": return_correlation(real_returns, predicted_returns),
-        "return_mae": float(np.mean(np.abs(np.subtract(predicted_returns, real_returns)))),
+        **return_metrics(real_returns, predicted_returns),
         "steps": steps,
         "episodes": len(episodes),
     }
 
 
-def return_correlation(real: Sequence[float], predicted: Sequence[float]) -> float | None:
-    """Pearson correlation of real and predicted episode returns; None with fewer than 2 episodes or no spread."""
-    if len(real) < 2 or np.std(real) == 0 or np.std(predicted) == 0:
-        return None
-    return float(np.corrcoef(real, predicted)[0, 1])
+def return_metrics(real: Sequence[float], predicted: Sequence[float]) -> dict[str, float | None]:
+    """How well predicted episode returns follow the real ones: Pearson correlation (None with fewer than 2 episodes
+    or no spread) and mean absolute error; can the dream rank good play above bad?"""
+    spread = len(real) >= 2 and np.std(real) > 0 and np.std(predicted) > 0
+    return {"return_correlation": float(np.corrcoef(real, predicted)[0, 1]) if spread else None,
+            "return_mae": float(np.mean(np.abs(np.subtract(predicted, real))))}
 
 
 def encode_action_array(space: gym.Space, actions: np.ndarray) -> np.ndarray:

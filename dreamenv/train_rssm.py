@@ -26,7 +26,7 @@ from dreamenv.models.rssm import (
 from dreamenv.models.vae import ConvVAE, frames_to_tensor
 from dreamenv.train import (
     CHECKPOINT_SECONDS, bundle_with_vae, cached_latents, data_summary, encode_action_array, load_rollout_data, make_source_env_limit,
-    return_correlation, terminal_balance,
+    return_metrics, terminal_balance,
 )
 from dreamenv.worldmodel import WorldModel
 
@@ -279,15 +279,13 @@ def rssm_heldout_metrics(model: RSSM, episodes: list[EpisodeData], observations:
         rew_abs += err.abs().sum().item()
         steps += step_mask.sum().item()
         done.add(torch.sigmoid(-losses["continue_logit"]), batch["dones"], step_mask)
-    real_returns, predicted_returns = episode_returns(model, episodes, observations)
     return {
         "reconstruction": image_sum / frames_seen,
         "kl": kl_sum / max(kl_n, 1),
         "reward_mse": rew_sq / steps,
         "reward_mae": rew_abs / steps,
         **done.metrics(),
-        "return_correlation": return_correlation(real_returns, predicted_returns),
-        "return_mae": float(np.mean(np.abs(np.subtract(predicted_returns, real_returns)))),
+        **return_metrics(*episode_returns(model, episodes, observations)),
         "steps": steps,
         "episodes": len(episodes),
     }
