@@ -25,6 +25,25 @@ def cmd_collect(args: argparse.Namespace) -> None:
     print(f"rollouts: {path}")
 
 
+def cmd_branch(args: argparse.Namespace) -> None:
+    from dreamenv.data.branch import BranchConfig, collect_branches
+
+    config = BranchConfig(offsets=tuple(parse_ints(args.offsets, "--offsets")), context=args.context,
+                          suffix=args.suffix, first_hold=tuple(parse_ints(args.first_hold, "--first-hold")))
+    path = collect_branches(args.stores, args.out, config, workers=args.workers, seed=args.seed,
+                            episodes_per_shard=args.episodes_per_shard, backend=args.backend,
+                            compression=args.compression)
+    print(f"branches: {path}")
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers, or a clear error naming the flag."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
 def parse_crop(text: str) -> str | tuple[int, ...]:
     """--crop: "env", "none" or TOP,BOTTOM,LEFT,RIGHT."""
     if text in ("env", "none"):
@@ -491,6 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="evaluator backend")
     p.add_argument("--compression", default="gzip", choices=["gzip", "zstd", "none"], help="frame compression (default gzip)")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("branch", help="replay the deaths of recorded episodes and branch off before each (resumable)")
+    p.add_argument("stores", nargs="+", help="rollout index file(s) written by `dreamenv collect`, all of one env")
+    p.add_argument("--out", required=True, help="index file to write (shards go beside it)")
+    p.add_argument("--offsets", default="8,15,25,40,60,90", help="branch this many steps before each death "
+                   "(default 8,15,25,40,60,90)")
+    p.add_argument("--context", type=int, default=150, help="recorded steps kept before each branch point (default 150)")
+    p.add_argument("--suffix", type=int, default=300, help="steps at most after the branch point (default 300)")
+    p.add_argument("--first-hold", default="5,30", help="the first other action is held LOW,HIGH steps (default 5,30)")
+    p.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the other actions (default 0)")
+    p.add_argument("--episodes-per-shard", type=int, default=10, help="deaths per shard file (default 10)")
+    p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="evaluator backend")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "zstd", "none"], help="frame compression (default gzip)")
+    p.set_defaults(func=cmd_branch)
 
     p = sub.add_parser("train", help="train V then M (or an RSSM) on rollouts and write a bundle (resumable)")
     p.add_argument("data", nargs="+", help="rollout index file(s) written by `dreamenv collect`, all of one env")
