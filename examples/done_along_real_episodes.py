@@ -7,6 +7,12 @@ the done head gives p(done) at each step. The table says, for each threshold, in
 crosses it, how many steps before the real end it first does, and how long episodes would last if each ended
 at that first crossing (as a dream with done_mode="threshold" would). A head that looks good here while
 dreams still overrate controllers points at M's imagined frames, not at the head.
+
+    python examples/done_along_real_episodes.py VizdoomTakeCover runs/rv/heldout-random.h5 --health
+
+With --health (VizDoom, a store written by `dreamenv collect`) each episode is replayed from its seed and actions to
+read the player's health, and p(done) is reported at the hits that killed, at the hits that did not, and elsewhere:
+whether M knows which hit is the fatal one.
 """
 import argparse
 
@@ -15,6 +21,7 @@ import torch
 
 import dreamenv
 from dreamenv.data.dataset import open_rollouts
+from dreamenv.data.sources import make_source_env
 from dreamenv.envs.real import MDNFilter
 
 THRESHOLDS = (0.05, 0.09, 0.15, 0.25, 0.5)
@@ -32,16 +39,44 @@ def done_probabilities(world_model: dreamenv.WorldModel, frames: np.ndarray, act
     return probabilities
 
 
+def health_along(env_id: str, seed: int, actions: np.ndarray) -> np.ndarray:
+    """The player's health at the reset and after each step of the episode reset with `seed` and replayed with
+    `actions` (VizDoom's first game variable; the game replays a seed and its actions exactly)."""
+    env = make_source_env(env_id)
+    health = [float(env.reset(seed=seed)[0]["gamevariables"][0])]
+    health += [float(env.step(a)[0]["gamevariables"][0]) for a in actions]
+    env.close()
+    return np.array(health)
+
+
+def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
+    """p(done) at the fatal hits, at the other hits and at the steps without a hit."""
+    fatal, other, calm, hits = [], [], [], []
+    for p, health in zip(episodes, healths):
+        hit = np.diff(health) < 0
+        hit[-1] = True  # the last step is the death
+        steps = np.flatnonzero(hit)
+        hits.append(len(steps))
+        fatal.append(p[-1])
+        other.extend(p[steps[:-1]])
+        calm.extend(p[~hit])
+    print(f"hits per death: mean {np.mean(hits):.2f}, at most {max(hits)}; p(done) at the fatal hit: mean "
+          f"{np.mean(fatal):.3f} (above 0.5: {np.mean(np.array(fatal) > 0.5):.0%}); at the other hits: mean "
+          f"{np.mean(other):.3f} (above 0.5: {np.mean(np.array(other) > 0.5):.0%}); elsewhere: mean {np.mean(calm):.4f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("bundle", help="MDN-RNN bundle directory or shipped name")
     parser.add_argument("store", help="rollout store (HDF5) of episodes that end in a death")
+    parser.add_argument("--health", action="store_true", help="replay each episode to read health (VizDoom)")
     args = parser.parse_args()
     wm = dreamenv.load_world_model(args.bundle)
     if wm.model_kind != "mdnrnn":
         parser.error(f"{args.bundle} is an {wm.model_kind} bundle; this example reads an MDN-RNN's done head")
     with open_rollouts(args.store) as store:
-        bounds, actions, frames = store.episode_bounds(), store.load_arrays()["actions"], store.load_frames()
+        bounds, arrays, frames = store.episode_bounds(), store.load_arrays(), store.load_frames()
+    actions = arrays["actions"]
     episodes = [done_probabilities(wm, frames[s:e], actions[s:e]) for s, e in bounds]
     lengths = np.array([len(p) for p in episodes])
     at_end = np.array([p[-1] for p in episodes])
@@ -57,3 +92,11 @@ if __name__ == "__main__":
         ended = np.where(crossed, first + 1, lengths)
         print(f"| {threshold} | {crossed.mean():.2f} | {np.median(before):.0f} | {np.mean(before <= 5):.2f} | "
               f"{np.mean(before <= 20):.2f} | {ended.mean():.1f} |")
+    if args.health:
+        import h5py
+
+        with h5py.File(args.store, "r") as f:
+            first_seed = int(f.attrs["seed"])
+        dying = [i for i, (s, e) in enumerate(bounds) if arrays["terminated"][e - 1]]
+        report_hits([episodes[i] for i in dying],
+                    [health_along(wm.env_id, first_seed + i, actions[bounds[i][0]:bounds[i][1]]) for i in dying])
