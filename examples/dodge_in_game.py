@@ -7,8 +7,9 @@ replayed from its seed with the agent's own actions up to step T - k (VizDoom re
 exactly), and then continued with other actions: the agent's own, always nothing, always left, always right, and
 random actions held 1..10 steps. Each option counts as survived if it is alive `--after` steps past T. From the same
 real state M imagines the same options (`--samples` dreams each, tau 1.0) and gives each its chance of being alive
-then. `--judge BUNDLE` asks another M of the same V instead, following the same real episodes. The summary: how often some option survives in the game, how often M's favourite does, and the
-rank correlation between M's chances and the game's lifetimes. Discrete-action MDN-RNN bundles only.
+then. `--judge BUNDLE` asks another M of the same V instead, following the same real episodes. The summary: how
+often some option survives in the game, how often M's favourite does, and the rank correlation between M's chances
+and the game's lifetimes. Discrete-action MDN-RNN bundles only.
 """
 import argparse
 import json
@@ -93,13 +94,15 @@ def summarise(rows: list[dict], after: int) -> None:
         some = np.mean([any(r["game"][o] > k + after - 1 for o in others) for r in at])
         favourite = np.mean([r["game"][max(others, key=lambda o: r["m_alive"][o])] > k + after - 1 for r in at])
         any_one = np.mean([r["game"][o] > k + after - 1 for r in at for o in others])
-        corr = [np.corrcoef(ranks(np.array(list(r["game"].values()), float)), ranks(np.array(list(r["m_alive"].values()))))[0, 1]
+        corr = [np.corrcoef(ranks(np.array(list(r["game"].values()), float)),
+                            ranks(np.array(list(r["m_alive"].values()))))[0, 1]
                 for r in at if len(set(r["game"].values())) > 1]
         agent = np.mean([r["m_alive"]["agent"] for r in at])
         rest = np.mean([r["m_alive"][o] for r in at for o in others])
         print(f"{k} steps before: {len(at)} deaths; some other option lives in the game {some:.0%}, M's favourite "
-              f"{favourite:.0%} (one at random {any_one:.0%}); M's chance for the agent's own (fatal) actions {agent:.2f}, for the others {rest:.2f}; rank correlation of M "
-              f"and the game over the options {np.mean(corr):+.2f}")
+              f"{favourite:.0%} (one at random {any_one:.0%}); M's chance for the agent's own (fatal) actions "
+              f"{agent:.2f}, for the others {rest:.2f}; rank correlation of M and the game over the options "
+              f"{np.mean(corr):+.2f}")
 
 
 def main() -> None:

@@ -90,3 +90,6 @@ def test_bad_settings_are_refused(source: Path, tmp_path: Path) -> None:
         BranchConfig(first_hold=(4, 2))
     with pytest.raises(ValueError, match="not the stores' env"):
         _branch(source, tmp_path / "b.h5", env_id="CarRacing-v3")
+    branches = _branch(source, tmp_path / "b.h5")
+    with pytest.raises(ValueError, match="holds branches"):
+        _branch(branches, tmp_path / "bb.h5")

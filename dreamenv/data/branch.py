@@ -21,8 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dreamenv.data.collect import (
-    ShardResult, _bare_env_id, _brownian_policy, _check_index_identity, _columns, _IndexWriter, _make_env, _remove_stale_tmp,
-    _scan_complete_shards, _ShardWriter, compression_kwargs, shard_dir_for, shard_path,
+    ShardResult, _bare_env_id, _brownian_policy, _check_index_identity, _columns, _IndexWriter, _make_env,
+    _remove_stale_tmp, _scan_complete_shards, _ShardWriter, compression_kwargs, shard_dir_for, shard_path,
 )
 from dreamenv.data.dataset import open_rollouts
 from dreamenv.data.preprocess import FrameSpec, extract_frame
@@ -82,11 +82,14 @@ def dying_episodes(stores: Sequence[str | Path]) -> tuple[list[SourceEpisode], d
     episodes, common = [], None
     for store in stores:
         with open_rollouts(store) as r, h5py.File(store, "r") as f:
-            attrs = {key: f.attrs.get(key) for key in ("env_id", "frame_spec", "action_space", "seed")}
+            attrs = {key: f.attrs.get(key) for key in ("env_id", "frame_spec", "action_space", "seed", "policy")}
             if any(value is None for value in attrs.values()):
                 raise ValueError(f"{store}: no env_id, frame_spec, action_space or seed attribute; branch stores "
                                  "written by `dreamenv collect`, whose episode i was reset with seed + i")
             attrs = {key: value.decode() if isinstance(value, bytes) else value for key, value in attrs.items()}
+            if str(attrs.pop("policy")).startswith("branch:"):
+                raise ValueError(f"{store} holds branches, which do not start at a reset: branch the stores they "
+                                 "came from")
             seed = int(attrs.pop("seed"))
             if common is not None and attrs != common:
                 raise ValueError(f"{store}: another env, frame rule or action space than {stores[0]}; branch one "
@@ -130,7 +133,8 @@ def collect_branches(
     shard_dir = shard_dir_for(out)
     recipe = {"branch": asdict(config), "stores": sorted({s.store for s in sources})}
     identity = {"env_id": attrs["env_id"], "seed": int(seed), "episodes_per_shard": int(episodes_per_shard),
-                "policy": "branch:" + json.dumps(recipe), "frame_spec": attrs["frame_spec"], "action_space": attrs["action_space"]}
+                "policy": "branch:" + json.dumps(recipe), "frame_spec": attrs["frame_spec"],
+                "action_space": attrs["action_space"]}
     _check_index_identity(out, identity)
     shard_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out, shard_dir)
