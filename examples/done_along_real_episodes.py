@@ -16,6 +16,7 @@ whether M knows which hit is the fatal one.
 """
 import argparse
 
+import h5py
 import numpy as np
 import torch
 
@@ -93,8 +94,6 @@ if __name__ == "__main__":
         print(f"| {threshold} | {crossed.mean():.2f} | {np.median(before):.0f} | {np.mean(before <= 5):.2f} | "
               f"{np.mean(before <= 20):.2f} | {ended.mean():.1f} |")
     if args.health:
-        import h5py
-
         with h5py.File(args.store, "r") as f:
             first_seed = int(f.attrs["seed"])
         dying = [i for i, (s, e) in enumerate(bounds) if arrays["terminated"][e - 1]]

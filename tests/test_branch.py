@@ -88,6 +88,8 @@ def test_bad_settings_are_refused(source: Path, tmp_path: Path) -> None:
         BranchConfig(offsets=(0, 5))
     with pytest.raises(ValueError, match="first_hold"):
         BranchConfig(first_hold=(4, 2))
+    with pytest.raises(ValueError, match="first_hold"):
+        BranchConfig(first_hold=(2, 4, 6))
     with pytest.raises(ValueError, match="not the stores' env"):
         _branch(source, tmp_path / "b.h5", env_id="CarRacing-v3")
     branches = _branch(source, tmp_path / "b.h5")

@@ -42,7 +42,7 @@ class BranchConfig:
     def __post_init__(self) -> None:
         if not self.offsets or min(self.offsets) < 1 or self.context < 0 or self.suffix < 1:
             raise ValueError(f"branch offsets must be >= 1, context >= 0 and suffix >= 1, got {self}")
-        if not 1 <= self.first_hold[0] <= self.first_hold[1]:
+        if len(self.first_hold) != 2 or not 1 <= self.first_hold[0] <= self.first_hold[1]:
             raise ValueError(f"first_hold must be (low, high) with 1 <= low <= high, got {self.first_hold}")
 
     def branches(self, length: int) -> list[int]:
