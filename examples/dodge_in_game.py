@@ -15,35 +15,32 @@ import argparse
 import json
 from collections.abc import Callable
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 import dreamenv
+from dreamenv.data.collect import _brownian_policy
 from dreamenv.data.sources import make_source_env
 from dreamenv.envs.dream import DreamCore, DreamState
 from dreamenv.train import vae_digest
 
 
-def held_random(choices: list[int], seed: int) -> Callable[[int], int]:
-    """Random actions of `choices`, each held for 1..10 steps (the brownian collection policy)."""
-    rng, held = np.random.default_rng(seed), {"action": choices[0], "left": 0}
-
-    def act(step: int) -> int:
-        if held["left"] == 0:
-            held["action"], held["left"] = int(rng.choice(choices)), int(rng.integers(1, 11))
-        held["left"] -= 1
-        return held["action"]
-
-    return act
-
-
-def options(choices: list[int], actions: list[int]) -> dict[str, Callable[[], Callable[[int], int]]]:
-    """Name -> a maker of a fresh step -> action function: the agent's recorded actions (then the first choice, which
-    only M plays: in the game they end in the death), each choice always, and random held choices."""
+def options(space: gym.spaces.Discrete, actions: list[int]) -> dict[str, Callable[[], Callable[[int], int]]]:
+    """Name -> a maker of a fresh step -> action function: the agent's recorded actions (then the first action, which
+    only M plays: in the game they end in the death), each action always, and random actions held 1..10 steps (the
+    brownian policy of `dreamenv collect`)."""
+    choices = range(int(space.start), int(space.start) + int(space.n))
     made = {"agent": lambda: (lambda step: actions[step] if step < len(actions) else choices[0])}
     made.update({f"always {a}": (lambda a=a: (lambda step: a)) for a in choices})
-    made.update({f"held random {j}": (lambda j=j: held_random(choices, j)) for j in range(3)})
+    made.update({f"held random {j}": (lambda j=j: brownian(space, j)) for j in range(3)})
     return made
+
+
+def brownian(space: gym.spaces.Discrete, seed: int) -> Callable[[int], int]:
+    """The brownian collection policy as a step -> action function."""
+    act = _brownian_policy(space, np.random.default_rng(seed))
+    return lambda step: act(None, None)
 
 
 def game_lives(env, seed: int, prefix: list[int], act: Callable[[int], int], budget: int) -> int:
@@ -124,7 +121,6 @@ def main() -> None:
     if judge.model_kind != "mdnrnn" or vae_digest(judge.vae) != vae_digest(wm.vae):
         raise ValueError(f"--judge {args.judge}: needs an MDN-RNN bundle with the same V as {args.bundle}")
     core, rng = DreamCore(judge), np.random.default_rng(0)
-    choices = list(range(int(wm.action_space.start), int(wm.action_space.start) + int(wm.action_space.n)))
     agent = dreamenv.load_agent(args.agent, args.bundle)
     real = dreamenv.make_real(args.bundle, obs_mode="latent_cell")
     game = make_source_env(wm.env_id)
@@ -152,7 +148,7 @@ def main() -> None:
             if branch <= 0:
                 continue
             row = {"seed": seed, "death": len(actions), "k": k, "game": {}, "m_alive": {}}
-            for name, make in options(choices, actions[branch:]).items():
+            for name, make in options(wm.action_space, actions[branch:]).items():
                 row["game"][name] = game_lives(game, seed, actions[:branch], make(), k + args.after)
                 row["m_alive"][name] = m_alive(core, judge, seen[branch], make, k + args.after, args.samples, rng)
             rows.append(row)

@@ -67,7 +67,6 @@ class BranchTask:
     env_id: str
     frame_spec: dict[str, Any]
     episodes: tuple[SourceEpisode, ...]
-    first: int  # index of the shard's first death among all
     config: BranchConfig
     seed: int
     shard: int
@@ -84,7 +83,7 @@ def dying_episodes(stores: Sequence[str | Path]) -> tuple[list[SourceEpisode], d
         with open_rollouts(store) as r, h5py.File(store, "r") as f:
             attrs = {key: f.attrs.get(key) for key in ("env_id", "frame_spec", "action_space", "seed", "policy")}
             if any(value is None for value in attrs.values()):
-                raise ValueError(f"{store}: no env_id, frame_spec, action_space or seed attribute; branch stores "
+                raise ValueError(f"{store}: no env_id, frame_spec, action_space, seed or policy attribute; branch stores "
                                  "written by `dreamenv collect`, whose episode i was reset with seed + i")
             attrs = {key: value.decode() if isinstance(value, bytes) else value for key, value in attrs.items()}
             if str(attrs.pop("policy")).startswith("branch:"):
@@ -143,7 +142,7 @@ def collect_branches(
             for k, chunk in enumerate(chunks)}
     done = _scan_complete_shards(shard_dir, plan, identity)
     frame_spec = json.loads(attrs["frame_spec"])
-    tasks = [BranchTask(env_id or attrs["env_id"], frame_spec, chunk, plan[k][0], config, int(seed), k,
+    tasks = [BranchTask(env_id or attrs["env_id"], frame_spec, chunk, config, int(seed), k,
                         str(shard_path(shard_dir, k)), compression, identity)
              for k, chunk in enumerate(chunks) if k not in done]
     probe = _make_env(env_id or attrs["env_id"], frame_spec.get("from_render", False))
@@ -181,7 +180,7 @@ def branch_shard(task: BranchTask) -> ShardResult:
                     writer.append(_branch(env, spec, columns, source, actions, frames, point, task.config, rng))
                     count += 1
             f.attrs.update(task.attrs)
-            f.attrs.update(shard=task.shard, first_episode=task.first, num_episodes=count,
+            f.attrs.update(shard=task.shard, first_episode=task.shard * task.attrs["episodes_per_shard"], num_episodes=count,
                            num_steps=writer.length, complete=True)
             length = writer.length
         os.replace(tmp, task.path)
