@@ -264,7 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     result = compare(args.policy, args.bundle, args.temperatures, args.episodes, args.seed, args.backend, args.workers,
                      algo=args.algo, real=not args.no_real, done_mode=args.done_mode, done_threshold=args.done_threshold,
-                     deterministic=not args.stochastic)
+                     deterministic=not args.stochastic, encoding=args.encoding)
     table = result.markdown()
     print(table)
     if args.json:
@@ -615,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-real", action="store_true", help="score in the dream only")
     p.add_argument("--stochastic", action="store_true",
                    help="sample the policy's actions (predict(obs, deterministic=False)), seeded per episode")
+    p.add_argument("--encoding", default="mean", choices=["mean", "sample"],
+                   help="how the real game's frames become z: V's mean (default) or a draw from V's posterior, seeded "
+                   "per episode, as M saw its inputs in training (V + M bundles)")
     p.add_argument("--done-mode", default="sample", choices=["sample", "threshold"], help="how M's p(done) ends a dream (default sample)")
     p.add_argument("--done-threshold", type=float, default=0.5, help="with --done-mode threshold: end when p(done) exceeds this")
     p.add_argument("--json", help="also write the results (with per-episode scores) to this JSON file")

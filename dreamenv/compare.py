@@ -226,6 +226,7 @@ class RealTask:
     seeds: tuple[int, ...]
     obs_mode: str
     deterministic: bool = True
+    encoding: str = "mean"
 
 
 def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
@@ -234,7 +235,7 @@ def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
     from dreamenv.envs.real import RealEnv
 
     policy = task.policy.load()
-    env = RealEnv(task.bundle, obs_mode=task.obs_mode)
+    env = RealEnv(task.bundle, obs_mode=task.obs_mode, encoding=task.encoding)
     wm = env.world_model
     results = []
     try:
@@ -259,11 +260,12 @@ def real_episodes(task: RealTask) -> list[tuple[int, float, int, np.ndarray]]:
 def actual_episodes(
     bundle: str | Path, policy: SavedPolicy | SB3Zip | PolicyObject, episodes: int, seed: int = 0, obs_mode: str = "latent",
     backend: str = "process", workers: int = 2, progress: bool = True, deterministic: bool = True,
+    encoding: str = "mean",
 ) -> Episodes:
     """Play `episodes` real episodes (episode i with seed + i), spread over the evaluator's workers."""
     seeds = list(range(seed, seed + episodes))
     chunk = max(1, min(8, -(-episodes // (2 * workers))))
-    tasks = [RealTask(str(resolve_bundle(bundle)), policy, tuple(seeds[i : i + chunk]), obs_mode, deterministic)
+    tasks = [RealTask(str(resolve_bundle(bundle)), policy, tuple(seeds[i : i + chunk]), obs_mode, deterministic, encoding)
              for i in range(0, episodes, chunk)]
     by_seed: dict[int, tuple[float, int, np.ndarray]] = {}
     with tqdm(total=episodes, desc="real episodes", unit="ep", disable=not progress) as bar:
@@ -331,6 +333,7 @@ def compare(
     done_threshold: float = 0.5,
     progress: bool = True,
     deterministic: bool = True,
+    encoding: str = "mean",
 ) -> Comparison:
     """Score any policy in the dream (at each temperature) and in the real game, episode i with seed + i in both.
 
@@ -341,6 +344,8 @@ def compare(
     obs_mode: what the policy sees in both envs; None takes a controller's own ("latent" or "latent_cell"), else "latent".
     deterministic: passed to predict, as in SB3's evaluate_policy; False samples the policy's actions (seeded per
     episode, so the scores are reproducible). A callable is called as it is either way.
+    encoding: how the real env turns frames into z, "mean" (V's mean) or "sample" (a draw from V's posterior, seeded
+    per episode: what M learnt from; see RealEnv).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -348,13 +353,16 @@ def compare(
     loaded = load_policy(policy, algo, wm) if isinstance(policy, (str, Path)) else policy
     obs_mode = obs_mode or getattr(loaded, "obs_mode", "latent")
     check_policy(loaded, wm, obs_mode)
+    from dreamenv.envs.real import latent_filter
+
+    latent_filter(wm, obs_mode=obs_mode, encoding=encoding)  # a clear error before any episode runs
     temperatures = [wm.default_temperature] if temperatures is None else [float(t) for t in temperatures]
     if not temperatures:
         raise ValueError("temperatures is empty: give at least one dream temperature (or None for the bundle's)")
     result = Comparison({
         "env_id": wm.env_id, "bundle": str(resolve_bundle(bundle)), "policy": describe(policy), "episodes": episodes,
         "seed": seed, "obs_mode": obs_mode, "deterministic": deterministic, "done_mode": done_mode,
-        "done_threshold": done_threshold, "virtual": {},
+        "done_threshold": done_threshold, "encoding": encoding, "virtual": {},
     })
     shipped = portable_policy(policy, loaded, algo, backend) if real else None  # fails before any episode runs
     for tau in temperatures:
@@ -362,7 +370,8 @@ def compare(
                                  deterministic)
         result["virtual"][f"{tau:g}"] = score_summary(dreamed)
     if shipped is not None:
-        actual = actual_episodes(bundle, shipped, episodes, seed, obs_mode, backend, workers, progress, deterministic)
+        actual = actual_episodes(bundle, shipped, episodes, seed, obs_mode, backend, workers, progress, deterministic,
+                                 encoding)
         result["actual"] = score_summary(actual)
         result["gap"] = {}
         for tau, virtual in result["virtual"].items():

@@ -188,7 +188,7 @@ def train_mdnrnn(
         rng = np.random.default_rng(seed + epoch)
         totals: dict[str, float] = {}
         for count, batch in enumerate(sequence_batches(episodes, config.seq_len, config.batch_size, rng), start=1):
-            losses = _mdnrnn_losses(model, batch, config, pos_weight, sample=True)
+            losses = _mdnrnn_losses(model, batch, config, pos_weight, sample=config.sample_latents)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

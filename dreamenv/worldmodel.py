@@ -116,13 +116,17 @@ class WorldModel:
             return torch.nn.functional.one_hot(index, int(self.action_space.n)).float()
         return actions.float().reshape(actions.shape[0], -1)
 
-    @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (N, 64, 64, 3) frames -> V's mean latents (N, z_dim)."""
+        return self.encode_posterior(frames)[0]
+
+    @torch.inference_mode()
+    def encode_posterior(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, 64, 64, 3) frames -> V's posterior mean and log-variance, each (N, z_dim)."""
         if self.vae is None:
             raise ValueError("an RSSM encodes a frame only together with its recurrent state: use "
                              "dreamenv.envs.real.latent_filter(world_model) to follow real frames")
-        return self.vae.encode(frames_to_tensor(frames))[0]
+        return self.vae.encode(frames_to_tensor(frames))
 
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
         """A raw env image -> (1, z_dim) latent, through this bundle's preprocessing."""

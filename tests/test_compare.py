@@ -90,6 +90,36 @@ def test_real_episode_i_uses_seed_plus_i_and_the_gap_is_paired(tiny_discrete: Ti
     assert result["seed"] == 3 and result["env_id"] == tiny_discrete.env_id and result["policy"] == "always_two"
 
 
+class Recorder:
+    """A callable policy that keeps every observation it is shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
+
+    def __call__(self, obs: np.ndarray) -> int:
+        self.seen.append(obs.copy())
+        return 2
+
+
+def test_sampled_encoding_reaches_the_real_episodes(tiny_discrete: Tiny) -> None:
+    """encoding="sample": the real episodes show the policy V's posterior draws, the same in any worker; "mean" its means."""
+    z_dim = dreamenv.registry.load_world_model(tiny_discrete.bundle).z_dim
+    shown = {}
+    for encoding in ("mean", "sample"):
+        recorder = Recorder()
+        result = dreamenv.compare(recorder, tiny_discrete.bundle, [1.0], episodes=3, backend="serial", real=True,
+                                  progress=False, encoding=encoding)
+        assert result["encoding"] == encoding
+        shown[encoding] = np.array(recorder.seen[-result["actual"]["lengths"][-1]:])  # the last real episode
+    mean, sample = shown["mean"], shown["sample"]
+    assert mean.shape == sample.shape
+    assert not np.allclose(mean[:, :z_dim], sample[:, :z_dim], atol=1e-3)  # z: draws, not means
+    assert not np.allclose(mean[1:, z_dim:], sample[1:, z_dim:], atol=1e-5)  # and M steps on the draws
+    again = dreamenv.compare(always_two, tiny_discrete.bundle, [1.0], episodes=3, backend="process", workers=2,
+                             progress=False, encoding="sample")
+    assert again["actual"]["lengths"] == _game_lengths(tiny_discrete.env_id, range(3))
+
+
 class TinyPPO(PPO):
     """PPO under a class path of this module: a worker that reloads it imports this module, which registers the tiny
     game (the process backend's workers would not know it otherwise)."""

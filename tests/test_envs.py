@@ -16,6 +16,7 @@ from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import dreamenv
+from dreamenv.data.preprocess import preprocess_frame
 from dreamenv.envs.dream import DreamEnv
 from dreamenv.envs.real import RealEnv
 from dreamenv.envs.vector import DreamVectorEnv
@@ -136,6 +137,32 @@ def test_real_env_step_order(tiny: Tiny) -> None:
         if terminated or truncated:
             break
     assert terminated or truncated  # the tiny game ends within 30 steps
+
+
+def test_real_env_sampled_encoding(tiny: Tiny) -> None:
+    """encoding="sample": z_t is V's mean plus sigma times a draw of the env's seeded generator; M steps on that z."""
+    real = RealEnv(tiny.bundle, encoding="sample")
+    game = gym.make(tiny.env_id)
+    wm = real.world_model
+    actions = _actions(real.action_space, 10, seed=1)
+    obs, _ = real.reset(seed=3)
+    frame, _ = game.reset(seed=3)
+    rng = np.random.default_rng(3)  # what reset(seed=3) seeds np_random with
+    h, c = torch.zeros(1, 16), torch.zeros(1, 16)
+    for action in actions:
+        mu, logvar = wm.encode_posterior(preprocess_frame(frame, wm.frame_spec)[None])
+        z = mu + torch.from_numpy(rng.standard_normal(mu.shape, dtype=np.float32)) * torch.exp(0.5 * logvar)
+        np.testing.assert_allclose(obs, torch.cat([z, h], -1)[0].numpy(), rtol=1e-4, atol=1e-5)
+        assert not np.allclose(obs[: wm.z_dim], mu[0].numpy(), atol=1e-3)  # a draw, not the mean
+        with torch.no_grad():
+            h, c = wm.mdnrnn.step(z, wm.encode_actions(np.asarray(action)[None]), h, c)
+        obs, _, terminated, truncated, _ = real.step(action)
+        frame, *_ = game.step(action)
+        if terminated or truncated:
+            break
+    assert _same(_rollout(real, 5, actions), _rollout(RealEnv(tiny.bundle, encoding="sample"), 5, actions))
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        RealEnv(tiny.bundle, encoding="mode")
 
 
 # --- the dream: step order, temperature, seeding, done modes -----------------------------------------------

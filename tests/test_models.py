@@ -245,3 +245,29 @@ def test_mdnrnn_warm_start(tmp_path: Path) -> None:
     assert not torch.equal(warm.lstm.weight_hh_l0, cold.lstm.weight_hh_l0)
     with pytest.raises(ValueError, match="other sizes"):
         train_mdnrnn(episodes, config, tmp_path / "other", init=MDNRNN(4, 3, 16, 2), progress=False)
+
+
+def test_mdnrnn_learns_from_draws_or_from_means(tmp_path: Path) -> None:
+    """sample_latents (the default, the paper's code): M learns from draws of V's posterior, so V's log-variance
+    changes what it learns; False: from V's means alone, whatever the log-variance."""
+    import numpy as np
+
+    from dreamenv.data.dataset import EpisodeData
+    from dreamenv.models.mdnrnn import MDNRNNConfig
+    from dreamenv.train import train_mdnrnn
+
+    def episodes(logvar: float) -> list[EpisodeData]:
+        rng = np.random.default_rng(0)
+        return [EpisodeData(mu=rng.normal(size=(12, 4)).astype(np.float32), logvar=np.full((12, 4), logvar, np.float32),
+                            actions=np.eye(3, dtype=np.float32)[rng.integers(0, 3, 12)], rewards=np.ones(12, np.float32),
+                            terminated=np.eye(12, dtype=np.float32)[-1]) for _ in range(4)]
+
+    def trained(name: str, logvar: float, sample_latents: bool) -> torch.Tensor:
+        config = MDNRNNConfig(hidden_size=8, num_gaussians=2, seq_len=8, batch_size=2, epochs=1, sample_latents=sample_latents)
+        torch.manual_seed(0)
+        model, _ = train_mdnrnn(episodes(logvar), config, tmp_path / name, progress=False)
+        return model.lstm.weight_ih_l0
+
+    torch.testing.assert_close(trained("mean-quiet", -20.0, False), trained("mean-noisy", 0.0, False), rtol=0, atol=0)
+    torch.testing.assert_close(trained("draw-quiet", -20.0, True), trained("mean-quiet", -20.0, False))  # sigma ~ 0
+    assert not torch.allclose(trained("draw-noisy", 0.0, True), trained("mean-noisy", 0.0, False), atol=1e-4)

@@ -751,6 +751,13 @@ def test_latent_cell_needs_an_mdnrnn(rssm_discrete: TinyRSSM) -> None:
             make()
 
 
+def test_sampled_encoding_needs_a_vae(rssm_discrete: TinyRSSM) -> None:
+    for make in (lambda: RealEnv(rssm_discrete.bundle, encoding="sample"),
+                 lambda: dreamenv.compare(lambda obs: 0, rssm_discrete.bundle, episodes=1, encoding="sample")):
+        with pytest.raises(ValueError, match="has no V"):
+            make()
+
+
 def test_collect_with_a_controller_of_an_rssm_bundle(rssm_discrete: TinyRSSM, tmp_path: Path) -> None:
     out = collect(f"{MODULE}:{rssm_discrete.base.env_id}", tmp_path / "ctrl.h5", 2, policy="controller",
                   controller=str(rssm_discrete.controller), bundle=str(rssm_discrete.bundle), backend="serial", progress=False)

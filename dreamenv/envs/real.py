@@ -21,14 +21,32 @@ from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
 
+ENCODINGS = ("mean", "sample")  # how a real frame becomes z: V's mean, or a draw from V's posterior
+
+
+def check_encoding(encoding: str) -> str:
+    """The encoding, or a clear error naming the choices."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS} (V's mean latent, or a draw from V's posterior), "
+                         f"got {encoding!r}")
+    return encoding
+
+
 class MDNFilter:
     """Follows n real episodes with V + M: z_t = V's mean of frame t, h_{t+1} = M(z_t, a_t, h_t), h_0 = 0.
-    With `cell`, observations are concat(z_t, c_t, h_t) (obs_mode "latent_cell")."""
+    With `cell`, observations are concat(z_t, c_t, h_t) (obs_mode "latent_cell").
 
-    def __init__(self, world_model: WorldModel, n: int = 1, cell: bool = False) -> None:
+    With encoding "sample", z_t is a draw from V's posterior N(mu, sigma^2) instead of its mean, as the original
+    World Models code encodes real frames and as M saw its inputs in training; the noise comes from `rng`.
+    """
+
+    def __init__(self, world_model: WorldModel, n: int = 1, cell: bool = False, encoding: str = "mean",
+                 rng: np.random.Generator | None = None) -> None:
         self.wm = world_model
         self.n = n
         self.cell = cell
+        self.encoding = check_encoding(encoding)
+        self.rng = rng if rng is not None else np.random.default_rng()
         self.reset()
 
     def reset(self) -> None:
@@ -39,7 +57,12 @@ class MDNFilter:
 
     def observe(self, frames: np.ndarray) -> np.ndarray:
         """Take in frames (n, 64, 64, 3) uint8; returns the latent observations concat(z_t, h_t), (n, obs_dim)."""
-        self.z = self.wm.encode_frames(frames)
+        if self.encoding == "sample":
+            mu, logvar = self.wm.encode_posterior(frames)
+            noise = torch.from_numpy(self.rng.standard_normal(mu.shape, dtype=np.float32))
+            self.z = mu + noise * torch.exp(0.5 * logvar)
+        else:
+            self.z = self.wm.encode_frames(frames)
         return torch.cat([self.z, self.c, self.h] if self.cell else [self.z, self.h], dim=-1).numpy()
 
     @torch.inference_mode()
@@ -87,13 +110,17 @@ class RSSMFilter:
         return RSSMState(self.deter.clone(), self.stoch.clone())
 
 
-def latent_filter(world_model: WorldModel, n: int = 1, obs_mode: str = "latent") -> MDNFilter | RSSMFilter:
+def latent_filter(world_model: WorldModel, n: int = 1, obs_mode: str = "latent", encoding: str = "mean",
+                  rng: np.random.Generator | None = None) -> MDNFilter | RSSMFilter:
     """The filter that turns n real episodes' frames and actions into the dream's latent observations (of obs_mode
-    "latent" or "latent_cell"), by model kind."""
+    "latent" or "latent_cell"), by model kind; encoding "sample" draws V's z from its posterior with `rng`."""
     latent_dim(world_model, obs_mode)  # a clear error for a mode this bundle cannot give
     if world_model.model_kind == "rssm":
+        if check_encoding(encoding) != "mean":
+            raise ValueError("encoding 'sample' draws z from V's posterior; an RSSM bundle has no V (its real "
+                             "observation is the posterior's mode): leave encoding at 'mean'")
         return RSSMFilter(world_model, n)
-    return MDNFilter(world_model, n, cell=obs_mode == "latent_cell")
+    return MDNFilter(world_model, n, cell=obs_mode == "latent_cell", encoding=encoding, rng=rng)
 
 
 class RealEnv(gym.Env, EzPickle):
@@ -103,6 +130,8 @@ class RealEnv(gym.Env, EzPickle):
     obs_mode "latent_cell" adds the LSTM cell state: concat(z_t, c_t, h_t).
     RSSM: concat(h_t, z_t), z_t the posterior's mode given h_t and the real frame. Both are stepped in the same
     order as the dream. Reward, termination and truncation come from the game.
+    encoding "sample" (V + M only) draws z_t from V's posterior with the env's seeded np_random, as the original
+    World Models code did: M learnt from such draws, and the dream's z carries their noise too.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35}
@@ -113,8 +142,9 @@ class RealEnv(gym.Env, EzPickle):
         obs_mode: str = "latent",
         render_mode: str | None = None,
         env_kwargs: dict[str, Any] | None = None,
+        encoding: str = "mean",
     ) -> None:
-        EzPickle.__init__(self, bundle, obs_mode, render_mode, env_kwargs)
+        EzPickle.__init__(self, bundle, obs_mode, render_mode, env_kwargs, encoding)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.world_model = load_world_model(bundle)
@@ -127,7 +157,9 @@ class RealEnv(gym.Env, EzPickle):
         self.env = make_source_env(
             self.world_model.env_id, render_mode="rgb_array" if needs_render else None, **(env_kwargs or {})
         )
-        self._filter = latent_filter(self.world_model, obs_mode="latent" if obs_mode == "pixels" else obs_mode)
+        self.encoding = encoding
+        self._filter = latent_filter(self.world_model, obs_mode="latent" if obs_mode == "pixels" else obs_mode,
+                                     encoding=encoding)
         self._started = False
 
     def _see(self, obs: Any) -> np.ndarray:
@@ -139,6 +171,7 @@ class RealEnv(gym.Env, EzPickle):
         super().reset(seed=seed)
         obs, info = self.env.reset(seed=seed, options=options)
         self._filter.reset()
+        self._filter.rng = self.np_random  # reseeded by reset(seed=...): the draws of "sample" replay with the seed
         self._started = True
         return self._see(obs), info
 

@@ -27,6 +27,7 @@ class MDNRNNConfig:
     done_weight: float = 1.0
     done_pos_weight: float | None = None  # None: weight terminal steps by (#non-terminal / #terminal)
     scheduled_sampling: float = 0.0  # chance each input z_t (t > 0) is M's own draw instead of the data's (0: the paper)
+    sample_latents: bool = True  # learn from draws of V's posterior, as the paper's code does; False: from V's means
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scheduled_sampling <= 1.0:
