@@ -159,6 +159,46 @@ def done_pos_weight(episodes: list[EpisodeData], config: MDNRNNConfig) -> float:
     return terminal_balance(episodes)
 
 
+DONE_REFIT_BATCH = 1024  # steps per update of the done-head refit
+DONE_REFIT_LEARNING_RATE = 1e-3
+
+
+@torch.no_grad()
+def whole_episode_h(model: MDNRNN, episodes: list[EpisodeData], config: MDNRNNConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """M's h_{t+1} after every step of whole episodes, from h_0 = 0 as a dream or the real env follows them (not cut
+    into training pieces), with inputs as M learnt from them (V's posterior draws or its means); and each step's done flag."""
+    generator = torch.Generator().manual_seed(seed)
+    hs, dones = [], []
+    longest = max(len(e.actions) for e in episodes)
+    for batch in sequence_batches(episodes, longest, config.batch_size, np.random.default_rng(seed)):
+        z = batch["mu"][:, :-1]
+        if config.sample_latents:
+            z = z + torch.randn(z.shape, generator=generator) * torch.exp(0.5 * batch["logvar"][:, :-1])
+        out, _ = model.lstm(torch.cat([z, batch["actions"]], dim=-1))
+        real = batch["step_mask"] > 0
+        hs.append(out[real])
+        dones.append(batch["dones"][real])
+    return torch.cat(hs), torch.cat(dones)
+
+
+def refit_done_head(model: MDNRNN, episodes: list[EpisodeData], config: MDNRNNConfig, pos_weight: float, seed: int = 0,
+                    progress: bool = True) -> None:
+    """Fit the done head alone for config.done_refit_epochs on the frozen LSTM's whole-episode h, with the training
+    loss's terminal weight (its logits stay in that weighted scale, which train_mdnrnn then calibrates). Jointly
+    trained, the head learnt deaths from training pieces; this fits it to the states a dream reaches, late ones too."""
+    h, dones = whole_episode_h(model, episodes, config, seed)
+    optimizer = torch.optim.Adam(model.done_head.parameters(), lr=DONE_REFIT_LEARNING_RATE)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.tensor(pos_weight)
+    for _ in tqdm(range(config.done_refit_epochs), desc="refit done head", unit="epoch", disable=not progress):
+        for rows in torch.randperm(len(dones), generator=generator).split(DONE_REFIT_BATCH):
+            logit = model.done_head(h[rows]).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(logit, dones[rows], pos_weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
 def train_mdnrnn(
     episodes: list[EpisodeData], config: MDNRNNConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True,
     init: MDNRNN | None = None,
@@ -200,6 +240,8 @@ def train_mdnrnn(
         bar.set_postfix({k: f"{v:.3f}" for k, v in totals.items() if k != "loss"})
     bar.close()
     model.eval()
+    if config.done_refit_epochs:
+        refit_done_head(model, episodes, config, pos_weight, seed, progress)
     with torch.no_grad():  # weighted BCE shifts logits by log(pos_weight); undo it so p(done) is calibrated
         model.done_head.bias -= math.log(pos_weight)
     return model, pos_weight

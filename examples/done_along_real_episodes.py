@@ -51,8 +51,10 @@ def health_along(env_id: str, seed: int, actions: np.ndarray) -> np.ndarray:
 
 
 def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
-    """p(done) at the fatal hits, at the other hits and at the steps without a hit."""
+    """p(done) at the fatal hits, at the other hits and at the steps without a hit; then by the hit's number in its
+    episode: how often the k-th hit kills in the game, against M's p(done) there."""
     fatal, other, calm, hits = [], [], [], []
+    by_number: dict[int, list[tuple[bool, float, float]]] = {}  # k -> (killed, health before, p(done)) per k-th hit
     for p, health in zip(episodes, healths):
         hit = np.diff(health) < 0
         hit[-1] = True  # the last step is the death
@@ -61,9 +63,15 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
         fatal.append(p[-1])
         other.extend(p[steps[:-1]])
         calm.extend(p[~hit])
+        for k, step in enumerate(steps, start=1):
+            by_number.setdefault(k, []).append((k == len(steps), health[step], p[step]))
     print(f"hits per death: mean {np.mean(hits):.2f}, at most {max(hits)}; p(done) at the fatal hit: mean "
           f"{np.mean(fatal):.3f} (above 0.5: {np.mean(np.array(fatal) > 0.5):.0%}); at the other hits: mean "
           f"{np.mean(other):.3f} (above 0.5: {np.mean(np.array(other) > 0.5):.0%}); elsewhere: mean {np.mean(calm):.4f}")
+    print("| hit | hits | killed, in the game | health before it | M's p(done) there |\n| --- | --- | --- | --- | --- |")
+    for k, rows in sorted(by_number.items()):
+        killed, before, p_done = np.array(rows).T
+        print(f"| {k} | {len(rows)} | {killed.mean():.2f} | {before.mean():.1f} | {p_done.mean():.3f} |")
 
 
 if __name__ == "__main__":

@@ -271,3 +271,44 @@ def test_mdnrnn_learns_from_draws_or_from_means(tmp_path: Path) -> None:
     torch.testing.assert_close(trained("mean-quiet", -20.0, False), trained("mean-noisy", 0.0, False), rtol=0, atol=0)
     torch.testing.assert_close(trained("draw-quiet", -20.0, True), trained("mean-quiet", -20.0, False))  # sigma ~ 0
     assert not torch.allclose(trained("draw-noisy", 0.0, True), trained("mean-noisy", 0.0, False), atol=1e-4)
+
+
+def test_done_head_refit_moves_only_the_done_head_and_fits_it(tmp_path: Path) -> None:
+    """done_refit_epochs: after M's epochs the done head alone is fitted on whole episodes' h; the rest stays as trained,
+    and the head's weighted loss on those h falls."""
+    import numpy as np
+    from torch.nn import functional as F
+
+    from dreamenv.data.dataset import EpisodeData
+    from dreamenv.models.mdnrnn import MDNRNNConfig
+    from dreamenv.train import train_mdnrnn, whole_episode_h
+
+    rng = np.random.default_rng(0)
+    episodes = []
+    for length in (9, 14, 20, 30):
+        mu = rng.normal(size=(length, 4)).astype(np.float32)
+        mu[-1] += 3.0  # the frame before a death looks different: a head can learn it
+        episodes.append(EpisodeData(mu=mu, logvar=np.full((length, 4), -4.0, np.float32),
+                                    actions=np.eye(3, dtype=np.float32)[rng.integers(0, 3, length)],
+                                    rewards=np.ones(length, np.float32), terminated=np.eye(length, dtype=np.float32)[-1]))
+
+    def trained(name: str, refit: int) -> torch.nn.Module:
+        config = MDNRNNConfig(hidden_size=8, num_gaussians=2, seq_len=8, batch_size=2, epochs=1, done_refit_epochs=refit)
+        torch.manual_seed(0)
+        model, pos_weight = train_mdnrnn(episodes, config, tmp_path / name, progress=False)
+        return model, pos_weight, config
+
+    plain, pos_weight, config = trained("plain", 0)
+    refit, _, _ = trained("refit", 1000)
+    for (name, a), b in zip(plain.state_dict().items(), refit.state_dict().values()):
+        if not name.startswith("done_head"):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.equal(plain.done_head.weight, refit.done_head.weight)
+    h, dones = whole_episode_h(plain, episodes, config)
+    assert h.shape == (sum(len(e.actions) for e in episodes), 8) and dones.sum() == len(episodes)
+    with torch.no_grad():  # both heads are calibrated: back to the weighted scale the loss measures
+        losses = [F.binary_cross_entropy_with_logits(m.done_head(h).squeeze(-1) + math.log(pos_weight), dones,
+                                                     pos_weight=torch.tensor(pos_weight)).item() for m in (plain, refit)]
+    assert losses[1] < 0.8 * losses[0]
+    with pytest.raises(ValueError, match="done_refit_epochs"):
+        MDNRNNConfig(done_refit_epochs=-1)

@@ -28,10 +28,13 @@ class MDNRNNConfig:
     done_pos_weight: float | None = None  # None: weight terminal steps by (#non-terminal / #terminal)
     scheduled_sampling: float = 0.0  # chance each input z_t (t > 0) is M's own draw instead of the data's (0: the paper)
     sample_latents: bool = True  # learn from draws of V's posterior, as the paper's code does; False: from V's means
+    done_refit_epochs: int = 0  # then fit the done head alone on the frozen LSTM's whole-episode h (0: the paper)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scheduled_sampling <= 1.0:
             raise ValueError(f"scheduled_sampling is a probability in [0, 1], got {self.scheduled_sampling}")
+        if self.done_refit_epochs < 0:
+            raise ValueError(f"done_refit_epochs counts epochs: give 0 or more, not {self.done_refit_epochs}")
 
 
 class MDNOutput(NamedTuple):
