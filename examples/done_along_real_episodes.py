@@ -52,9 +52,10 @@ def health_along(env_id: str, seed: int, actions: np.ndarray) -> np.ndarray:
 
 def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
     """p(done) at the fatal hits, at the other hits and at the steps without a hit; then by the hit's number in its
-    episode: how often the k-th hit kills in the game, against M's p(done) there."""
+    episode: how often the k-th hit kills in the game, against M's p(done) there; and the same by the step it lands on."""
     fatal, other, calm, hits = [], [], [], []
     by_number: dict[int, list[tuple[bool, float, float]]] = {}  # k -> (killed, health before, p(done)) per k-th hit
+    by_step: list[tuple[int, bool, float]] = []  # (step, killed, p(done)) per hit
     for p, health in zip(episodes, healths):
         hit = np.diff(health) < 0
         hit[-1] = True  # the last step is the death
@@ -65,6 +66,7 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
         calm.extend(p[~hit])
         for k, step in enumerate(steps, start=1):
             by_number.setdefault(k, []).append((k == len(steps), health[step], p[step]))
+            by_step.append((step, k == len(steps), p[step]))
     print(f"hits per death: mean {np.mean(hits):.2f}, at most {max(hits)}; p(done) at the fatal hit: mean "
           f"{np.mean(fatal):.3f} (above 0.5: {np.mean(np.array(fatal) > 0.5):.0%}); at the other hits: mean "
           f"{np.mean(other):.3f} (above 0.5: {np.mean(np.array(other) > 0.5):.0%}); elsewhere: mean {np.mean(calm):.4f}")
@@ -72,6 +74,12 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
     for k, rows in sorted(by_number.items()):
         killed, before, p_done = np.array(rows).T
         print(f"| {k} | {len(rows)} | {killed.mean():.2f} | {before.mean():.1f} | {p_done.mean():.3f} |")
+    step, killed, p_done = np.array(by_step).T
+    print("| hit at step | hits | killed, in the game | M's p(done) there |\n| --- | --- | --- | --- |")
+    for low, high in ((0, 300), (300, 600), (600, 1000), (1000, 2100)):
+        rows = (step >= low) & (step < high)
+        if rows.any():
+            print(f"| {low}..{high - 1} | {rows.sum()} | {killed[rows].mean():.2f} | {p_done[rows].mean():.3f} |")
 
 
 if __name__ == "__main__":
