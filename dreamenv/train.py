@@ -8,18 +8,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import gymnasium as gym
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dreamenv.checkpointing import load_checkpoint, save_checkpoint
-from dreamenv.data.dataset import EpisodeData, iterate_frame_batches, open_rollouts, sequence_batches, split_episode_ids
+from dreamenv.data.dataset import (
+    EpisodeData, hit_flags, iterate_frame_batches, open_rollouts, sequence_batches, split_episode_ids,
+)
 from dreamenv.data.sources import make_source_env
 from dreamenv.metrics import DoneScores
 from dreamenv.models.mdnrnn import MDNRNN, MDNRNNConfig, mdn_nll, sample_mdn
@@ -124,8 +127,21 @@ def scheduled_inputs(model: MDNRNN, z: torch.Tensor, actions: torch.Tensor, prob
     return torch.where(swap.unsqueeze(-1), torch.cat([z[:, :1], drawn[:, :-1]], dim=1), z)
 
 
+class HitHead(NamedTuple):
+    """A training-only head on M's h that predicts hits (MDNRNNConfig.hit_weight), and its positive-class weight."""
+
+    linear: nn.Linear
+    pos_weight: float
+
+
+def _masked_bce(logit: torch.Tensor, target: torch.Tensor, pos_weight: float, mask: torch.Tensor) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logit, target, pos_weight=torch.tensor(pos_weight), reduction="none")
+    return (loss * mask).sum() / mask.sum()
+
+
 def _mdnrnn_losses(
-    model: MDNRNN, batch: dict[str, torch.Tensor], config: MDNRNNConfig, pos_weight: float, sample: bool
+    model: MDNRNN, batch: dict[str, torch.Tensor], config: MDNRNNConfig, pos_weight: float, sample: bool,
+    hit_head: HitHead | None = None,
 ) -> dict[str, torch.Tensor]:
     z = batch["mu"]
     if sample:
@@ -133,16 +149,18 @@ def _mdnrnn_losses(
     inputs = z[:, :-1]
     if config.scheduled_sampling > 0:
         inputs = scheduled_inputs(model, inputs, batch["actions"], config.scheduled_sampling)
-    out, _ = model(inputs, batch["actions"])
+    h, _ = model.lstm(torch.cat([inputs, batch["actions"]], dim=-1))
+    out = model.heads(h)
     step_mask, next_mask = batch["step_mask"], batch["next_mask"]
     nll = (mdn_nll(out, z[:, 1:]) * next_mask).sum() / next_mask.sum().clamp(min=1)
     reward = ((out.reward - batch["rewards"]).pow(2) * step_mask).sum() / step_mask.sum()
-    done = F.binary_cross_entropy_with_logits(
-        out.done_logit, batch["dones"], pos_weight=torch.tensor(pos_weight), reduction="none"
-    )
-    done = (done * step_mask).sum() / step_mask.sum()
+    done = _masked_bce(out.done_logit, batch["dones"], pos_weight, step_mask)
+    losses = {"nll": nll, "reward_mse": reward, "done_bce": done}
     total = nll + config.reward_weight * reward + config.done_weight * done
-    return {"loss": total, "nll": nll, "reward_mse": reward, "done_bce": done}
+    if hit_head is not None:
+        losses["hit_bce"] = _masked_bce(hit_head.linear(h).squeeze(-1), batch["hits"], hit_head.pos_weight, step_mask)
+        total = total + config.hit_weight * losses["hit_bce"]
+    return {"loss": total, **losses}
 
 
 def terminal_balance(episodes: list[EpisodeData]) -> float:
@@ -199,6 +217,19 @@ def refit_done_head(model: MDNRNN, episodes: list[EpisodeData], config: MDNRNNCo
             optimizer.step()
 
 
+def _hit_head(episodes: list[EpisodeData], config: MDNRNNConfig) -> HitHead | None:
+    """The hit head config.hit_weight asks for, its hits weighted as the done head's deaths; None without it."""
+    if not config.hit_weight:
+        return None
+    if any(e.hits is None for e in episodes):
+        raise ValueError("hit_weight needs hit flags, which come from the game variables of the stores (VizDoom's "
+                         "health): collect the data again with this version's `dreamenv collect`, which records them, "
+                         "or set hit_weight = 0")
+    steps = sum(len(e.hits) for e in episodes)
+    hits = sum(float(e.hits.sum()) for e in episodes)
+    return HitHead(nn.Linear(config.hidden_size, 1), float(max(steps - hits, 1.0) / max(hits, 1.0)))
+
+
 def train_mdnrnn(
     episodes: list[EpisodeData], config: MDNRNNConfig, checkpoint_dir: Path, seed: int = 0, progress: bool = True,
     init: MDNRNN | None = None,
@@ -210,9 +241,11 @@ def train_mdnrnn(
     torch.manual_seed(seed)
     z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
     model = MDNRNN(z_dim, a_dim, config.hidden_size, config.num_gaussians)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    hit_head = _hit_head(episodes, config)
+    trained = model if hit_head is None else nn.ModuleDict({"mdnrnn": model, "hit_head": hit_head.linear})
+    optimizer = torch.optim.Adam(trained.parameters(), lr=config.learning_rate)
     pos_weight = done_pos_weight(episodes, config)
-    state = load_checkpoint(checkpoint_dir, model, optimizer)
+    state = load_checkpoint(checkpoint_dir, trained, optimizer)
     if state is None and init is not None:
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if shapes != {k: tuple(v.shape) for k, v in init.state_dict().items()}:
@@ -228,14 +261,14 @@ def train_mdnrnn(
         rng = np.random.default_rng(seed + epoch)
         totals: dict[str, float] = {}
         for count, batch in enumerate(sequence_batches(episodes, config.seq_len, config.batch_size, rng), start=1):
-            losses = _mdnrnn_losses(model, batch, config, pos_weight, sample=config.sample_latents)
+            losses = _mdnrnn_losses(model, batch, config, pos_weight, config.sample_latents, hit_head)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + (v.item() - totals.get(k, 0.0)) / count
-        save_checkpoint(checkpoint_dir, model, optimizer, {"epoch": epoch + 1})
+        save_checkpoint(checkpoint_dir, trained, optimizer, {"epoch": epoch + 1})
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in totals.items() if k != "loss"})
     bar.close()
@@ -307,11 +340,14 @@ def data_summary(paths: Sequence[str | Path], bounds: np.ndarray, rewards: np.nd
 
 def episode_data(bounds: np.ndarray, ids: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
                  arrays: dict[str, np.ndarray], world_actions: Callable[[np.ndarray], np.ndarray]) -> list[EpisodeData]:
-    """Episodes `ids` of the [start, end) `bounds` into latents and step arrays, as M trains and is scored on them."""
+    """Episodes `ids` of the [start, end) `bounds` into latents and step arrays, as M trains and is scored on them
+    (with hit flags when the stores hold game variables)."""
+    variables = arrays.get("game_variables")
     return [
         EpisodeData(
             mu=mu[s:e], logvar=logvar[s:e], actions=world_actions(arrays["actions"][s:e]),
             rewards=arrays["rewards"][s:e].astype(np.float32), terminated=arrays["terminated"][s:e].astype(np.float32),
+            hits=hit_flags(variables[s:e], arrays["terminated"][s:e]) if variables is not None else None,
         )
         for s, e in (bounds[i] for i in ids)
     ]
@@ -348,7 +384,7 @@ def load_rollout_data(paths: Sequence[str | Path], with_frames: bool = True) -> 
     return RolloutData(
         env_id=env_id, frame_spec=frame_spec, action_space=space,
         bounds=np.concatenate([p[3] + off for p, off in zip(parts, offsets)]),
-        arrays={k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]},
+        arrays={k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4] if all(k in p[4] for p in parts)},
         frames=read_frames(paths, np.arange(offsets[-1])) if with_frames else None,
     )
 

@@ -10,9 +10,10 @@ import pytest
 from dreamenv.data.branch import BranchConfig, collect_branches, dying_episodes
 from dreamenv.data.collect import collect, shard_dir_for
 from dreamenv.data.dataset import open_rollouts
-from tests.tiny_envs import MODULE, PIXELS_ID
+from tests.tiny_envs import HEALTH_ID, MODULE, PIXELS_ID
 
 PIXELS = f"{MODULE}:{PIXELS_ID}"
+HEALTH = f"{MODULE}:{HEALTH_ID}"
 CONFIG = BranchConfig(offsets=(2, 6), context=4, suffix=10, first_hold=(3, 3))
 
 
@@ -57,6 +58,21 @@ def test_branches_share_the_recorded_past_and_then_act_otherwise(source: Path, t
     assert changed > len(branches) // 2
     with h5py.File(tmp_path / "b.h5", "r") as f:
         assert f.attrs["policy"].startswith("branch:") and f.attrs["complete"]
+
+
+def test_branches_keep_the_game_variables_of_their_past(tmp_path: Path) -> None:
+    """Branches of an env with game variables store them, as recorded before each branch point."""
+    source = collect(HEALTH, tmp_path / "src.h5", 12, episodes_per_shard=4, backend="serial", progress=False, seed=7)
+    dying = [e for e in _episodes(source) if e["terminated"][-1]]
+    branches = _episodes(_branch(source, tmp_path / "b.h5", env_id=HEALTH))
+    expected = [(e, point) for e in dying for point in CONFIG.branches(len(e["frames"]))]
+    assert len(branches) == len(expected) > 0
+    for b, (e, point) in zip(branches, expected):
+        first = max(0, point - CONFIG.context)
+        assert b["game_variables"].shape == (len(b["frames"]), 1)
+        np.testing.assert_array_equal(b["game_variables"][:point - first], e["game_variables"][first:point])
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        assert f.attrs["game_variables"] == 1
 
 
 def test_resume_rewrites_only_the_missing_shard(source: Path, tmp_path: Path) -> None:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from dreamenv.data.collect import _episode_policy, collect, road_centre, shard_dir_for
-from dreamenv.data.dataset import open_rollouts
-from tests.tiny_envs import MODULE, PIXELS_BOX_ID, PIXELS_ID, VECTOR_ID
+from dreamenv.data.dataset import hit_flags, open_rollouts
+from tests.tiny_envs import HEALTH_ID, MODULE, PIXELS_BOX_ID, PIXELS_ID, VECTOR_ID
 
 PIXELS = f"{MODULE}:{PIXELS_ID}"
 PIXELS_BOX = f"{MODULE}:{PIXELS_BOX_ID}"
 VECTOR = f"{MODULE}:{VECTOR_ID}"
+HEALTH = f"{MODULE}:{HEALTH_ID}"
 
 
 def _collect(out: Path, episodes: int = 10, env_id: str = PIXELS, **kw: Any) -> Path:
@@ -73,6 +74,42 @@ def test_episode_flags_consistent(tmp_path: Path) -> None:
     assert arrays["terminated"].any() and arrays["truncated"].any()
     assert arrays["actions"].dtype == np.int64 and set(np.unique(arrays["actions"])) <= {0, 1, 2}
     assert (arrays["rewards"] == 1).all() and arrays["rewards"].dtype == np.float32
+
+
+def test_game_variables_are_stored_with_their_frames(tmp_path: Path) -> None:
+    """An env that reports game variables (VizDoom's health) gets them stored as seen with each step's frame."""
+    out = _collect(tmp_path / "health.h5", episodes=6, env_id=HEALTH, seed=7)
+    with open_rollouts(out) as r, h5py.File(out, "r") as f:
+        arrays, bounds, frames = r.load_arrays(), r.episode_bounds(), r.load_frames()
+        assert f.attrs["game_variables"] == 1 and f["game_variables"].dtype == np.float32
+    env = gym.make(HEALTH_ID)
+    hits = 0.0
+    for i, (start, end) in enumerate(bounds):
+        obs, _ = env.reset(seed=7 + i)
+        health = [obs["gamevariables"][0]]
+        for action in arrays["actions"][start:end - 1]:
+            health.append(env.step(action)[0]["gamevariables"][0])
+        np.testing.assert_array_equal(arrays["game_variables"][start:end, 0], health)
+        hits += hit_flags(arrays["game_variables"][start:end], arrays["terminated"][start:end]).sum()
+    assert hits > len(bounds)  # the health fell before some deaths
+    assert frames.shape[0] == len(arrays["game_variables"])
+    assert "game_variables" not in _contents(_collect(tmp_path / "pixels.h5", episodes=2))
+
+
+def test_a_store_from_before_game_variables_resumes_as_it_was(tmp_path: Path) -> None:
+    """Stores written before game variables were recorded have none: such a store of an env without them grows
+    as before; one of an env with them is refused, since its new shards would hold a column the old ones lack."""
+    for env_id, name in ((PIXELS, "pixels.h5"), (HEALTH, "health.h5")):
+        out = _collect(tmp_path / name, episodes=4, env_id=env_id)
+        for path in [out, *shard_dir_for(out).iterdir()]:
+            with h5py.File(path, "a") as f:
+                del f.attrs["game_variables"]
+        if env_id == PIXELS:
+            with open_rollouts(_collect(out, episodes=8, env_id=env_id)) as r:
+                assert r.num_episodes == 8
+        else:
+            with pytest.raises(ValueError, match="game_variables=0, not 1"):
+                _collect(out, episodes=8, env_id=env_id)
 
 
 def test_process_backend_matches_serial(tmp_path: Path) -> None:

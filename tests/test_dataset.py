@@ -11,6 +11,7 @@ import torch
 from dreamenv.data.collect import collect, shard_dir_for
 from dreamenv.data.dataset import (
     EpisodeData,
+    hit_flags,
     iterate_frame_batches,
     open_rollouts,
     sequence_batches,
@@ -137,6 +138,22 @@ def test_sequence_batches_masks() -> None:
         assert float(b["mu"][:, :-1][~b["step_mask"].bool()].abs().sum()) == 0
         assert b["mu"].shape[1] == b["step_mask"].shape[1] + 1
     assert sum(float(b["dones"].sum()) for b in batches) == len(lengths)
+    assert all("hits" not in b for b in batches)  # no hit flags, no hits array
+
+
+def test_hit_flags_mark_falls_and_the_death() -> None:
+    """Step t is a hit when a game variable seen after it is lower than before it, or when it ended in a death."""
+    health = np.array([[3, 9], [3, 9], [2, 9], [2, 9], [2, 8], [1, 8]], np.float32)  # a second variable falls at 3
+    np.testing.assert_array_equal(hit_flags(health, np.eye(1, 6, 5)[0]), [0, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(hit_flags(health[:5], np.zeros(5)), [0, 1, 0, 1, 0])  # cut off: no death
+    np.testing.assert_array_equal(hit_flags(np.array([5.0, 6.0, 6.0]), np.zeros(3)), [0, 0, 0])  # a rise is no hit
+    episodes = [EpisodeData(mu=np.zeros((n, 2), np.float32), logvar=np.zeros((n, 2), np.float32),
+                            actions=np.zeros((n, 1), np.float32), rewards=np.ones(n, np.float32),
+                            terminated=np.eye(1, n, n - 1, dtype=np.float32)[0], hits=np.arange(n) % 2 == 1)
+                for n in (3, 6)]
+    batches = list(sequence_batches(episodes, 4, 2, np.random.default_rng(0)))
+    assert sum(float(b["hits"].sum()) for b in batches) == 1 + 3
+    assert all(float((b["hits"] * (1 - b["step_mask"])).sum()) == 0 for b in batches)  # none in the padding
 
 
 def test_no_rows_from_a_store_of_many_shards(tmp_path: Path) -> None:

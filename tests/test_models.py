@@ -312,3 +312,53 @@ def test_done_head_refit_moves_only_the_done_head_and_fits_it(tmp_path: Path) ->
     assert losses[1] < 0.8 * losses[0]
     with pytest.raises(ValueError, match="done_refit_epochs"):
         MDNRNNConfig(done_refit_epochs=-1)
+
+
+def test_hit_head_trains_beside_m_resumes_and_stays_out_of_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hit_weight: a training-only head on h learns the hit flags beside M, so M's own weights move with it; its
+    checkpoint resumes; the M returned has no hit head; episodes without hit flags are refused."""
+    import dataclasses
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    import dreamenv.train
+    from dreamenv.data.dataset import EpisodeData
+    from dreamenv.models.mdnrnn import MDNRNNConfig
+    from dreamenv.train import train_mdnrnn
+
+    rng = np.random.default_rng(0)
+    episodes = []
+    for length in (9, 14, 20, 30):
+        hits = (rng.random(length) < 0.2).astype(np.float32)
+        mu = rng.normal(size=(length, 4)).astype(np.float32)
+        mu[:, 0] += 3.0 * hits  # the frame before a hit shows it: a head on h can learn it
+        episodes.append(EpisodeData(mu=mu, logvar=np.full((length, 4), -4.0, np.float32),
+                                    actions=np.eye(3, dtype=np.float32)[rng.integers(0, 3, length)],
+                                    rewards=np.ones(length, np.float32), terminated=np.eye(length, dtype=np.float32)[-1],
+                                    hits=hits))
+    config = MDNRNNConfig(hidden_size=8, num_gaussians=2, seq_len=8, batch_size=2, epochs=1)
+
+    def trained(name: str, hit_weight: float) -> MDNRNN:
+        torch.manual_seed(0)
+        model, _ = train_mdnrnn(episodes, dataclasses.replace(config, hit_weight=hit_weight), tmp_path / name,
+                                progress=False)
+        return model
+
+    plain, hit = trained("plain", 0.0), trained("hit", 1.0)
+    assert not torch.allclose(plain.lstm.weight_ih_l0, hit.lstm.weight_ih_l0, atol=1e-4)
+    assert set(hit.state_dict()) == set(plain.state_dict())  # the bundle's M is the paper's M
+    saved = load_file(str(tmp_path / "hit" / "model.safetensors"))
+    assert {"hit_head.weight", "hit_head.bias"} <= set(saved)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(dreamenv.train, "_mdnrnn_losses", no_training)
+    torch.testing.assert_close(trained("hit", 1.0).lstm.weight_ih_l0, hit.lstm.weight_ih_l0, rtol=0, atol=0)
+    monkeypatch.undo()
+    no_flags = [dataclasses.replace(e, hits=None) for e in episodes]
+    with pytest.raises(ValueError, match="hit_weight needs hit flags"):
+        train_mdnrnn(no_flags, dataclasses.replace(config, hit_weight=1.0), tmp_path / "none", progress=False)
+    with pytest.raises(ValueError, match="hit_weight"):
+        MDNRNNConfig(hit_weight=-1.0)

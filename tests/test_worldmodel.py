@@ -330,3 +330,22 @@ def test_m_trains_with_scheduled_sampling(tiny: Tiny, tmp_path: Path, monkeypatc
     train_world_model([tiny.rollouts], tmp_path / "ss", config, vae_from=tiny.bundle, progress=False)
     assert swapped_with and set(swapped_with) == {0.5}  # training swaps, with the recipe's probability
     assert json.dumps(read_manifest(tmp_path / "ss")).count('"scheduled_sampling": 0.5') == 1  # the recipe records it
+
+
+def test_hit_head_learns_from_the_stores_game_variables(tiny_discrete: Tiny, tmp_path: Path) -> None:
+    """[train.mdnrnn] hit_weight trains a hit head from stores that hold game variables, and refuses stores without."""
+    from safetensors.torch import load_file
+
+    from dreamenv.data.collect import collect
+    from tests.tiny_envs import HEALTH_ID, MODULE
+
+    rollouts = collect(f"{MODULE}:{HEALTH_ID}", tmp_path / "health.h5", 12, episodes_per_shard=6, backend="serial",
+                       progress=False)
+    config = tiny_train_config()
+    config.mdnrnn.hit_weight = 1.0
+    wm = train_world_model(rollouts, tmp_path / "bundle", config, progress=False)
+    assert {"hit_head.weight", "hit_head.bias"} <= set(load_file(str(tmp_path / "bundle.work" / "mdnrnn" / "model.safetensors")))
+    assert WorldModel.load(tmp_path / "bundle").fingerprint == wm.fingerprint
+    assert read_manifest(tmp_path / "bundle")["info"]["recipe"]["mdnrnn"]["hit_weight"] == 1.0
+    with pytest.raises(ValueError, match="hit_weight needs hit flags"):
+        train_world_model(tiny_discrete.rollouts, tmp_path / "pixels", config, vae_from=tiny_discrete.bundle, progress=False)

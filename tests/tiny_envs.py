@@ -9,6 +9,7 @@ import numpy as np
 PIXELS_ID = "DreamenvTest/TinyPixels-v0"
 PIXELS_BOX_ID = "DreamenvTest/TinyPixelsBox-v0"
 VECTOR_ID = "DreamenvTest/TinyVector-v0"
+HEALTH_ID = "DreamenvTest/TinyHealth-v0"
 MODULE = "tests.tiny_envs"
 
 
@@ -77,9 +78,36 @@ class TinyVector(TinyPixels):
         return np.array([*self.pos, self.t], dtype=np.float32)
 
 
+class TinyHealth(TinyPixels):
+    """TinyPixels as VizDoom observes: {"screen": image, "gamevariables": [health]}; each step the dot is hit with
+    chance 1/4 (health - 1; action 0 never is) and the episode ends (terminated) when health reaches 0."""
+
+    def __init__(self, render_mode: str | None = None) -> None:
+        super().__init__(render_mode)
+        self.observation_space = gym.spaces.Dict({
+            "screen": gym.spaces.Box(0, 255, (self.size, self.size, 3), np.uint8),
+            "gamevariables": gym.spaces.Box(-np.inf, np.inf, (1,), np.float32),
+        })
+        self.health = 3.0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        self.health = 3.0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        hit = int(action) != 0 and self.np_random.random() < 0.25
+        self.health -= float(hit)
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated or self.health <= 0, truncated, info
+
+    def _obs(self) -> Any:
+        return {"screen": self._image(), "gamevariables": np.array([self.health], dtype=np.float32)}
+
+
 def register() -> None:
     """Register the tiny envs once (TinyPixels truncates at 20 steps so both flags occur)."""
-    entries = {PIXELS_ID: ("TinyPixels", 20), PIXELS_BOX_ID: ("TinyPixelsBox", None), VECTOR_ID: ("TinyVector", None)}
+    entries = {PIXELS_ID: ("TinyPixels", 20), PIXELS_BOX_ID: ("TinyPixelsBox", None), VECTOR_ID: ("TinyVector", None),
+               HEALTH_ID: ("TinyHealth", None)}
     for env_id, (cls, limit) in entries.items():
         if env_id not in gym.registry:
             gym.register(env_id, entry_point=f"{MODULE}:{cls}", max_episode_steps=limit)

@@ -21,8 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dreamenv.data.collect import (
-    ShardResult, _bare_env_id, _brownian_policy, _check_index_identity, _columns, _IndexWriter, _make_env,
-    _remove_stale_tmp, _scan_complete_shards, _ShardWriter, compression_kwargs, shard_dir_for, shard_path,
+    GAME_VARIABLES_KEY, ShardResult, _bare_env_id, _brownian_policy, _check_index_identity, _columns, _IndexWriter,
+    _make_env, _remove_stale_tmp, _scan_complete_shards, _ShardWriter, compression_kwargs, game_variable_count,
+    shard_dir_for, shard_path,
 )
 from dreamenv.data.dataset import open_rollouts
 from dreamenv.data.preprocess import FrameSpec, extract_frame
@@ -128,12 +129,18 @@ def collect_branches(
         raise ValueError(f"env_id {env_id!r} is not the stores' env {attrs['env_id']!r}")
     if not sources:
         raise ValueError(f"no episode of {', '.join(map(str, stores))} ends in a death (terminated): nothing to branch")
+    frame_spec = json.loads(attrs["frame_spec"])
+    probe = _make_env(env_id or attrs["env_id"], frame_spec.get("from_render", False))
+    action_space, variables = probe.action_space, game_variable_count(probe.observation_space)
+    probe.close()
+    if json.dumps(space_to_json(action_space)) != attrs["action_space"]:
+        raise ValueError(f"the env's action space {action_space} is not the stores' {attrs['action_space']}")
     out = Path(out)
     shard_dir = shard_dir_for(out)
     recipe = {"branch": asdict(config), "stores": sorted({s.store for s in sources})}
     identity = {"env_id": attrs["env_id"], "seed": int(seed), "episodes_per_shard": int(episodes_per_shard),
                 "policy": "branch:" + json.dumps(recipe), "frame_spec": attrs["frame_spec"],
-                "action_space": attrs["action_space"]}
+                "action_space": attrs["action_space"], "game_variables": variables}
     _check_index_identity(out, identity)
     shard_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out, shard_dir)
@@ -141,15 +148,9 @@ def collect_branches(
     plan = {k: (k * episodes_per_shard, sum(len(config.branches(e.length)) for e in chunk))
             for k, chunk in enumerate(chunks)}
     done = _scan_complete_shards(shard_dir, plan, identity)
-    frame_spec = json.loads(attrs["frame_spec"])
     tasks = [BranchTask(env_id or attrs["env_id"], frame_spec, chunk, config, int(seed), k,
                         str(shard_path(shard_dir, k)), compression, identity)
              for k, chunk in enumerate(chunks) if k not in done]
-    probe = _make_env(env_id or attrs["env_id"], frame_spec.get("from_render", False))
-    action_space = probe.action_space
-    probe.close()
-    if json.dumps(space_to_json(action_space)) != attrs["action_space"]:
-        raise ValueError(f"the env's action space {action_space} is not the stores' {attrs['action_space']}")
     index = _IndexWriter(out, shard_dir, plan, FrameSpec.from_json(frame_spec), action_space, identity)
     index.write(done)
     with tqdm(total=len(sources), initial=sum(len(chunks[k]) for k in done), unit="death",
@@ -166,7 +167,7 @@ def branch_shard(task: BranchTask) -> ShardResult:
     spec = FrameSpec.from_json(task.frame_spec)
     env = _make_env(task.env_id, spec.from_render)
     try:
-        columns = _columns(spec, env.action_space)
+        columns = _columns(spec, env.action_space, game_variable_count(env.observation_space))
         tmp = task.path + ".tmp"
         count = 0
         with h5py.File(tmp, "w") as f:
@@ -196,7 +197,7 @@ def _branch(env: gym.Env, spec: FrameSpec, columns: dict[str, tuple[tuple[int, .
     first = max(0, point - config.context)
     other = _other_actions(env.action_space, rng, config.first_hold)
     action_shape = columns["actions"][0]
-    kept: dict[str, list] = {name: [] for name in ("frames", "actions", "rewards", "terminated", "truncated")}
+    kept: dict[str, list] = {name: [] for name in columns if name != "episode_starts"}
     obs, _ = env.reset(seed=source.seed)
     terminated = truncated = False
     step = 0
@@ -210,6 +211,8 @@ def _branch(env: gym.Env, spec: FrameSpec, columns: dict[str, tuple[tuple[int, .
                     f"{step} differs from the recorded one. Branching needs an env that replays a seed and its "
                     "actions exactly, and a store written by `dreamenv collect`.")
             kept["frames"].append(frame)
+            if "game_variables" in columns:
+                kept["game_variables"].append(np.ravel(obs[GAME_VARIABLES_KEY]))
         obs, reward, terminated, truncated, _ = env.step(action)
         if step >= first:
             kept["actions"].append(np.reshape(action, action_shape))

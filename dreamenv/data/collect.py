@@ -26,7 +26,9 @@ PolicyFactory = Callable[[gym.Env], PolicyFn]
 FRAME_CHUNK = 64  # steps per frames chunk (~750 kB raw at 64x64x3)
 ARRAY_CHUNK = 1024  # steps per chunk of the small per-step arrays
 # Attributes that must match for shards to belong to one store.
-IDENTITY_ATTRS = ("env_id", "seed", "episodes_per_shard", "policy", "frame_spec", "action_space")
+IDENTITY_ATTRS = ("env_id", "seed", "episodes_per_shard", "policy", "frame_spec", "action_space", "game_variables")
+IDENTITY_DEFAULTS = {"game_variables": 0}  # stores written before game variables were recorded have none
+GAME_VARIABLES_KEY = "gamevariables"  # the Dict observation's key of VizDoom's game variables (TakeCover: health)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def collect(
     policy_name = _policy_name(policy)
     crop = _controller_crop(policy, crop) if hasattr(policy, "bundle") else crop  # a policy that sees through a bundle
     crop = crop if isinstance(crop, str) else tuple(crop)
-    frame_spec, action_space = _probe_env(env_id, from_render, crop)
+    frame_spec, action_space, variables = _probe_env(env_id, from_render, crop)
     out = Path(out)
     shard_dir = shard_dir_for(out)
     identity = {
@@ -99,6 +101,7 @@ def collect(
         "policy": policy_name,
         "frame_spec": json.dumps(frame_spec.to_json()),
         "action_space": json.dumps(space_to_json(action_space)),
+        "game_variables": variables,
     }
     _check_index_identity(out, identity)
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -162,15 +165,23 @@ def _make_env(env_id: str, from_render: bool) -> gym.Env:
     return make_source_env(_bare_env_id(env_id), render_mode="rgb_array" if from_render else None)
 
 
-def _probe_env(env_id: str, from_render: bool, crop: str | tuple[int, ...]) -> tuple[FrameSpec, gym.Space]:
-    """Make the env once in this process: frame spec (clear error if no images or a bad crop) and action space."""
+def _probe_env(env_id: str, from_render: bool, crop: str | tuple[int, ...]) -> tuple[FrameSpec, gym.Space, int]:
+    """Make the env once in this process: frame spec (clear error if no images or a bad crop), action space and
+    number of game variables."""
     env = _make_env(env_id, from_render)
     try:
         spec = frame_spec_for(env, from_render, crop)
         space_to_json(env.action_space)  # unsupported action spaces fail here, not in a worker
-        return spec, env.action_space
+        return spec, env.action_space, game_variable_count(env.observation_space)
     finally:
         env.close()
+
+
+def game_variable_count(space: gym.Space) -> int:
+    """How many game variables a Dict observation carries beside its image (VizDoom's "gamevariables"), else 0."""
+    if isinstance(space, gym.spaces.Dict) and GAME_VARIABLES_KEY in space.spaces:
+        return int(np.prod(space[GAME_VARIABLES_KEY].shape))
+    return 0
 
 
 def _resolve_policy(policy: str | PolicyFactory, controller: str | None, bundle: str | None, algo: str,
@@ -227,7 +238,7 @@ def _plan_shards(episodes: int, per_shard: int) -> dict[int, tuple[int, int]]:
 def _check_identity(found: dict[str, Any], identity: dict[str, Any], where: Path) -> None:
     """Refuse to mix rollouts of another env, seed, shard size, policy or frame rule."""
     for key in IDENTITY_ATTRS:
-        old = found.get(key)
+        old = found.get(key, IDENTITY_DEFAULTS.get(key))
         if isinstance(old, bytes):
             old = old.decode()
         if isinstance(old, np.generic):
@@ -290,7 +301,7 @@ class _IndexWriter:
         self.shard_dir = shard_dir
         self.plan = plan
         self.identity = identity
-        self.columns = _columns(frame_spec, action_space)
+        self.columns = _columns(frame_spec, action_space, identity["game_variables"])
 
     def write(self, done: dict[int, int]) -> None:
         """Write the index for the shards in `done` (shard -> steps) to a temp name, then rename."""
@@ -318,10 +329,12 @@ class _IndexWriter:
         os.replace(tmp, self.out)
 
 
-def _columns(frame_spec: FrameSpec, action_space: gym.Space) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-step shape (after the step axis) and dtype of every stored dataset."""
+def _columns(frame_spec: FrameSpec, action_space: gym.Space,
+             game_variables: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-step shape (after the step axis) and dtype of every stored dataset; game_variables (the values seen with
+    step t's frame, before its action) only for envs that report them."""
     size = frame_spec.size
-    return {
+    columns = {
         "frames": ((size, size, 3), np.dtype(np.uint8)),
         "actions": _action_column(action_space),
         "rewards": ((), np.dtype(np.float32)),
@@ -329,6 +342,9 @@ def _columns(frame_spec: FrameSpec, action_space: gym.Space) -> dict[str, tuple[
         "truncated": ((), np.dtype(bool)),
         "episode_starts": ((), np.dtype(bool)),
     }
+    if game_variables:
+        columns["game_variables"] = ((game_variables,), np.dtype(np.float32))
+    return columns
 
 
 def _action_column(space: gym.Space) -> tuple[tuple[int, ...], np.dtype]:
@@ -354,7 +370,7 @@ def collect_shard(task: ShardTask) -> ShardResult:
     env = _make_env(task.env_id, task.from_render)
     try:
         spec = frame_spec_for(env, task.from_render, task.crop)
-        columns = _columns(spec, env.action_space)
+        columns = _columns(spec, env.action_space, game_variable_count(env.observation_space))
         tmp = task.path + ".tmp"
         with h5py.File(tmp, "w") as f:
             writer = _ShardWriter(f, columns, compression_kwargs(task.compression))
@@ -400,15 +416,18 @@ class _ShardWriter:
 
 def _run_episode(env: gym.Env, spec: FrameSpec, policy: str | PolicyFactory, seed: int,
                  columns: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
-    """One seeded episode until terminated or truncated; step t keeps the frame seen before action t."""
+    """One seeded episode until terminated or truncated; step t keeps the frame (and game variables) seen before
+    action t."""
     act = _episode_policy(policy, env, seed)
     action_shape = columns["actions"][0]
-    frames, actions, rewards, terminals, truncations = [], [], [], [], []
+    frames, actions, rewards, terminals, truncations, variables = [], [], [], [], [], []
     obs, _ = env.reset(seed=seed)
     terminated = truncated = False
     while not (terminated or truncated):
         frame = extract_frame(obs, env, spec)
         action = act(obs, frame)
+        if "game_variables" in columns:
+            variables.append(np.ravel(obs[GAME_VARIABLES_KEY]))
         obs, reward, terminated, truncated, _ = env.step(action)
         frames.append(frame)
         actions.append(np.reshape(action, action_shape))
@@ -418,7 +437,7 @@ def _run_episode(env: gym.Env, spec: FrameSpec, policy: str | PolicyFactory, see
     starts = np.zeros(len(frames), dtype=bool)
     starts[0] = True
     values = {"frames": frames, "actions": actions, "rewards": rewards, "terminated": terminals,
-              "truncated": truncations, "episode_starts": starts}
+              "truncated": truncations, "episode_starts": starts, "game_variables": variables}
     return {name: np.asarray(values[name], dtype=dtype) for name, (_, dtype) in columns.items()}
 
 

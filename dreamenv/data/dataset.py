@@ -22,6 +22,7 @@ except ImportError:
 
 DATASETS = ("frames", "actions", "rewards", "terminated", "truncated", "episode_starts")
 ARRAYS = ("actions", "rewards", "terminated", "truncated", "episode_starts")
+OPTIONAL_ARRAYS = ("game_variables",)  # stored only for envs that report them (VizDoom: health)
 
 
 def _unreadable(path: Path | str, err: Exception) -> ValueError:
@@ -150,8 +151,9 @@ class Rollouts:
         return np.concatenate(parts)[inverse.reshape(-1)]
 
     def load_arrays(self) -> dict[str, np.ndarray]:
-        """actions, rewards, terminated, truncated and episode_starts as numpy arrays."""
-        return {name: self._read(name, slice(None)) for name in ARRAYS}
+        """actions, rewards, terminated, truncated, episode_starts and, if stored, game_variables as numpy arrays."""
+        names = ARRAYS + tuple(name for name in OPTIONAL_ARRAYS if name in self._file)
+        return {name: self._read(name, slice(None)) for name in names}
 
 
 def split_episode_ids(num_episodes: int, holdout_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -191,6 +193,14 @@ class EpisodeData:
     rewards: np.ndarray
     terminated: np.ndarray
     frame_index: np.ndarray | None = None  # (T,) int64 rows of the episode's frames, for models that read pixels
+    hits: np.ndarray | None = None  # (T,) 1.0 where a game variable fell during the step (see hit_flags)
+
+
+def hit_flags(game_variables: np.ndarray, terminated: np.ndarray) -> np.ndarray:
+    """(T,) float32 flags of one episode: 1 where a game variable fell during step t (VizDoom TakeCover: the
+    player was hit), from the values seen before each step, and on a last step that ended the episode in a death."""
+    fell = (np.diff(game_variables, axis=0) < 0).any(axis=-1) if game_variables.ndim > 1 else np.diff(game_variables) < 0
+    return np.append(fell, bool(terminated[-1])).astype(np.float32)
 
 
 def sequence_batches(
@@ -199,8 +209,8 @@ def sequence_batches(
     """One shuffled pass over episode pieces of at most seq_len steps, grouped by length to limit padding.
 
     Yields mu and logvar (B, T + 1, z) holding z_t and z_{t+1} (or, for episodes with frame_index, frame_index
-    (B, T + 1) int64), actions (B, T, a), rewards and dones (B, T), step_mask (real steps) and next_mask (steps
-    whose z_{t+1} is stored: not an episode's last).
+    (B, T + 1) int64), actions (B, T, a), rewards and dones (B, T) (and hits, for episodes with them), step_mask
+    (real steps) and next_mask (steps whose z_{t+1} is stored: not an episode's last).
     """
     pieces = [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e.actions), seq_len)]
     pieces.sort(key=lambda p: min(len(episodes[p[0]].actions) - p[1], seq_len))
@@ -227,6 +237,8 @@ def _pad_pieces(episodes: list[EpisodeData], group: list[tuple[int, int]], seq_l
         out["logvar"] = np.full((rows, steps + 1, z_dim), -20.0, np.float32)  # padding: no sampling noise
     if episodes[0].frame_index is not None:
         out["frame_index"] = np.zeros((rows, steps + 1), np.int64)  # padding points at row 0, masked out
+    if episodes[0].hits is not None:
+        out["hits"] = np.zeros((rows, steps), np.float32)
     for row, ((i, s), length) in enumerate(zip(group, lengths)):
         e = episodes[i]
         stop = s + length
@@ -239,6 +251,8 @@ def _pad_pieces(episodes: list[EpisodeData], group: list[tuple[int, int]], seq_l
         out["actions"][row, :length] = e.actions[s:stop]
         out["rewards"][row, :length] = e.rewards[s:stop]
         out["dones"][row, :length] = e.terminated[s:stop]
+        if "hits" in out:
+            out["hits"][row, :length] = e.hits[s:stop]
         out["step_mask"][row, :length] = 1.0
         out["next_mask"][row, : extra - 1] = 1.0
     return {name: torch.from_numpy(value) for name, value in out.items()}

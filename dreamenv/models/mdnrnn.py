@@ -29,8 +29,11 @@ class MDNRNNConfig:
     scheduled_sampling: float = 0.0  # chance each input z_t (t > 0) is M's own draw instead of the data's (0: the paper)
     sample_latents: bool = True  # learn from draws of V's posterior, as the paper's code does; False: from V's means
     done_refit_epochs: int = 0  # then fit the done head alone on the frozen LSTM's whole-episode h (0: the paper)
+    hit_weight: float = 0.0  # loss weight of a training-only head on h that predicts hits (game variables falling; 0: the paper)
 
     def __post_init__(self) -> None:
+        if self.hit_weight < 0:
+            raise ValueError(f"hit_weight weighs a loss: give 0 (no hit head) or more, not {self.hit_weight}")
         if not 0.0 <= self.scheduled_sampling <= 1.0:
             raise ValueError(f"scheduled_sampling is a probability in [0, 1], got {self.scheduled_sampling}")
         if self.done_refit_epochs < 0:
