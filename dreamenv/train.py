@@ -135,6 +135,7 @@ class HitHead(NamedTuple):
 
 
 def _masked_bce(logit: torch.Tensor, target: torch.Tensor, pos_weight: float, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with positives weighted by pos_weight, averaged over the real (mask) steps."""
     loss = F.binary_cross_entropy_with_logits(logit, target, pos_weight=torch.tensor(pos_weight), reduction="none")
     return (loss * mask).sum() / mask.sum()
 
@@ -163,11 +164,16 @@ def _mdnrnn_losses(
     return {"loss": total, **losses}
 
 
+def class_balance(flags: Sequence[np.ndarray]) -> float:
+    """#unflagged / #flagged steps: the weight that makes rare flagged steps count as much as the rest."""
+    steps = sum(len(f) for f in flags)
+    flagged = sum(float(f.sum()) for f in flags)
+    return float(max(steps - flagged, 1.0) / max(flagged, 1.0))
+
+
 def terminal_balance(episodes: list[EpisodeData]) -> float:
     """#non-terminal / #terminal steps: the weight that makes the rare terminal steps count as much as the rest."""
-    steps = sum(len(e.terminated) for e in episodes)
-    terminal = sum(float(e.terminated.sum()) for e in episodes)
-    return float(max(steps - terminal, 1.0) / max(terminal, 1.0))
+    return class_balance([e.terminated for e in episodes])
 
 
 def done_pos_weight(episodes: list[EpisodeData], config: MDNRNNConfig) -> float:
@@ -225,9 +231,7 @@ def _hit_head(episodes: list[EpisodeData], config: MDNRNNConfig) -> HitHead | No
         raise ValueError("hit_weight needs hit flags, which come from the game variables of the stores (VizDoom's "
                          "health): collect the data again with this version's `dreamenv collect`, which records them, "
                          "or set hit_weight = 0")
-    steps = sum(len(e.hits) for e in episodes)
-    hits = sum(float(e.hits.sum()) for e in episodes)
-    return HitHead(nn.Linear(config.hidden_size, 1), float(max(steps - hits, 1.0) / max(hits, 1.0)))
+    return HitHead(nn.Linear(config.hidden_size, 1), class_balance([e.hits for e in episodes]))
 
 
 def train_mdnrnn(

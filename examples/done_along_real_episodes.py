@@ -10,9 +10,11 @@ dreams still overrate controllers points at M's imagined frames, not at the head
 
     python examples/done_along_real_episodes.py VizdoomTakeCover runs/rv/heldout-random.h5 --health
 
-With --health (VizDoom, a store written by `dreamenv collect`) each episode is replayed from its seed and actions to
-read the player's health, and p(done) is reported at the hits that killed, at the hits that did not, and elsewhere:
-whether M knows which hit is the fatal one.
+With --health (VizDoom, a store written by `dreamenv collect`) the player's health is read from the store's game
+variables (or, in a store written before they were recorded, by replaying each episode from its seed and actions),
+and p(done) is reported at the hits that killed, at the hits that did not, and elsewhere: whether M knows which hit
+is the fatal one; then by the hit's number, by the step it lands on, and by whether the frame before it shows a
+fireball (TakeCover's fireballs are its only bright yellow pixels).
 """
 import argparse
 
@@ -26,6 +28,7 @@ from dreamenv.data.sources import make_source_env
 from dreamenv.envs.real import MDNFilter
 
 THRESHOLDS = (0.05, 0.09, 0.15, 0.25, 0.5)
+FIREBALL_IN_VIEW = 20  # bright yellow pixels (of 64 x 64) from which a frame counts as showing a fireball
 
 
 def done_probabilities(world_model: dreamenv.WorldModel, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -50,13 +53,21 @@ def health_along(env_id: str, seed: int, actions: np.ndarray) -> np.ndarray:
     return np.array(health)
 
 
-def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
+def fireball_pixels(frames: np.ndarray) -> np.ndarray:
+    """Bright yellow pixels (red > 200, green > 160) per 64 x 64 frame: TakeCover's fireballs, the rest is grey and brown."""
+    return ((frames[..., 0] > 200) & (frames[..., 1] > 160)).sum(axis=(1, 2))
+
+
+def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray], frames: list[np.ndarray],
+                actions: list[np.ndarray]) -> None:
     """p(done) at the fatal hits, at the other hits and at the steps without a hit; then by the hit's number in its
-    episode: how often the k-th hit kills in the game, against M's p(done) there; and the same by the step it lands on."""
+    episode: how often the k-th hit kills in the game, against M's p(done) there; the same by the step it lands on,
+    by whether the frame before the hit shows a fireball, and, over all steps, by how much the player moved."""
     fatal, other, calm, hits = [], [], [], []
     by_number: dict[int, list[tuple[bool, float, float]]] = {}  # k -> (killed, health before, p(done)) per k-th hit
-    by_step: list[tuple[int, bool, float]] = []  # (step, killed, p(done)) per hit
-    for p, health in zip(episodes, healths):
+    by_step: list[tuple[int, bool, float, bool, int]] = []  # (step, killed, p(done), fireball in view, steps since one was)
+    by_moving: list[np.ndarray] = []  # (share of the last 10 actions that moved, hit, death, unseen hit, p(done)) per step
+    for p, health, episode_frames, episode_actions in zip(episodes, healths, frames, actions):
         hit = np.diff(health) < 0
         hit[-1] = True  # the last step is the death
         steps = np.flatnonzero(hit)
@@ -64,9 +75,14 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
         fatal.append(p[-1])
         other.extend(p[steps[:-1]])
         calm.extend(p[~hit])
+        in_view = fireball_pixels(episode_frames) >= FIREBALL_IN_VIEW
         for k, step in enumerate(steps, start=1):
+            seen_at = np.flatnonzero(in_view[: step + 1])
             by_number.setdefault(k, []).append((k == len(steps), health[step], p[step]))
-            by_step.append((step, k == len(steps), p[step]))
+            by_step.append((step, k == len(steps), p[step], in_view[step], step - seen_at[-1] if len(seen_at) else step))
+        moved = np.convolve(episode_actions != 0, np.ones(10), "full")[: len(p)] / 10  # action 0: TakeCover's "none"
+        death = np.eye(len(p))[-1]
+        by_moving.append(np.stack([moved, hit, death, hit & ~in_view, p], axis=1))
     print(f"hits per death: mean {np.mean(hits):.2f}, at most {max(hits)}; p(done) at the fatal hit: mean "
           f"{np.mean(fatal):.3f} (above 0.5: {np.mean(np.array(fatal) > 0.5):.0%}); at the other hits: mean "
           f"{np.mean(other):.3f} (above 0.5: {np.mean(np.array(other) > 0.5):.0%}); elsewhere: mean {np.mean(calm):.4f}")
@@ -74,12 +90,26 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray]) -> None:
     for k, rows in sorted(by_number.items()):
         killed, before, p_done = np.array(rows).T
         print(f"| {k} | {len(rows)} | {killed.mean():.2f} | {before.mean():.1f} | {p_done.mean():.3f} |")
-    step, killed, p_done = np.array(by_step).T
+    step, killed, p_done, seen, since = np.array(by_step).T
     print("| hit at step | hits | killed, in the game | M's p(done) there |\n| --- | --- | --- | --- |")
     for low, high in ((0, 300), (300, 600), (600, 1000), (1000, 2100)):
         rows = (step >= low) & (step < high)
         if rows.any():
             print(f"| {low}..{high - 1} | {rows.sum()} | {killed[rows].mean():.2f} | {p_done[rows].mean():.3f} |")
+    print("| the frame before the hit | hits | killed, in the game | M's p(done) there | steps since a frame showed a "
+          "fireball (median) |\n| --- | --- | --- | --- | --- |")
+    for label, rows in ((f"shows no fireball (< {FIREBALL_IN_VIEW} bright pixels)", seen == 0), ("shows one", seen == 1)):
+        if rows.any():
+            print(f"| {label} | {rows.sum()} | {killed[rows].mean():.2f} | {p_done[rows].mean():.3f} | "
+                  f"{np.median(since[rows]):.0f} |")
+    moved, hit, death, unseen, p_done = np.concatenate(by_moving).T
+    print("| share of the last 10 actions that moved | steps | hits per 1000 steps, in the game (of them unseen) | deaths "
+          "per 1000 steps | M's p(done) summed per 1000 steps |\n| --- | --- | --- | --- | --- |")
+    for low, high in ((0.0, 0.35), (0.35, 0.75), (0.75, 1.01)):
+        rows = (moved >= low) & (moved < high)
+        if rows.any():
+            print(f"| {low:.2f}..{min(high, 1.0):.2f} | {rows.sum()} | {1000 * hit[rows].mean():.2f} "
+                  f"({1000 * unseen[rows].mean():.2f}) | {1000 * death[rows].mean():.2f} | {1000 * p_done[rows].mean():.2f} |")
 
 
 if __name__ == "__main__":
@@ -113,5 +143,9 @@ if __name__ == "__main__":
         with h5py.File(args.store, "r") as f:
             first_seed = int(f.attrs["seed"])
         dying = [i for i, (s, e) in enumerate(bounds) if arrays["terminated"][e - 1]]
-        report_hits([episodes[i] for i in dying],
-                    [health_along(wm.env_id, first_seed + i, actions[bounds[i][0]:bounds[i][1]]) for i in dying])
+        if "game_variables" in arrays:  # health seen before each step; the death's own value is not needed
+            healths = [np.append(arrays["game_variables"][s:e, 0], 0.0) for s, e in bounds[dying]]
+        else:
+            healths = [health_along(wm.env_id, first_seed + i, actions[bounds[i][0]:bounds[i][1]]) for i in dying]
+        report_hits([episodes[i] for i in dying], healths, [frames[s:e] for s, e in bounds[dying]],
+                    [actions[s:e] for s, e in bounds[dying]])

@@ -199,7 +199,7 @@ class EpisodeData:
 def hit_flags(game_variables: np.ndarray, terminated: np.ndarray) -> np.ndarray:
     """(T,) float32 flags of one episode: 1 where a game variable fell during step t (VizDoom TakeCover: the
     player was hit), from the values seen before each step, and on a last step that ended the episode in a death."""
-    fell = (np.diff(game_variables, axis=0) < 0).any(axis=-1) if game_variables.ndim > 1 else np.diff(game_variables) < 0
+    fell = (np.diff(np.reshape(game_variables, (len(terminated), -1)), axis=0) < 0).any(axis=-1)
     return np.append(fell, bool(terminated[-1])).astype(np.float32)
 
 
