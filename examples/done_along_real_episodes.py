@@ -29,6 +29,7 @@ from dreamenv.envs.real import MDNFilter
 
 THRESHOLDS = (0.05, 0.09, 0.15, 0.25, 0.5)
 FIREBALL_IN_VIEW = 20  # bright yellow pixels (of 64 x 64) from which a frame counts as showing a fireball
+MOVING_BUCKETS = ((0.0, 0.35), (0.35, 0.75), (0.75, 1.01))  # shares of the last 10 actions that moved
 
 
 def done_probabilities(world_model: dreamenv.WorldModel, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -58,6 +59,11 @@ def fireball_pixels(frames: np.ndarray) -> np.ndarray:
     return ((frames[..., 0] > 200) & (frames[..., 1] > 160)).sum(axis=(1, 2))
 
 
+def moved(actions: np.ndarray) -> np.ndarray:
+    """Share of the last 10 actions (this one included) that moved: TakeCover's action 0 is "none"."""
+    return np.convolve(actions != 0, np.ones(10), "full")[: len(actions)] / 10
+
+
 def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray], frames: list[np.ndarray],
                 actions: list[np.ndarray]) -> None:
     """p(done) at the fatal hits, at the other hits and at the steps without a hit; then by the hit's number in its
@@ -80,9 +86,7 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray], frames: l
             seen_at = np.flatnonzero(in_view[: step + 1])
             by_number.setdefault(k, []).append((k == len(steps), health[step], p[step]))
             by_step.append((step, k == len(steps), p[step], in_view[step], step - seen_at[-1] if len(seen_at) else step))
-        moved = np.convolve(episode_actions != 0, np.ones(10), "full")[: len(p)] / 10  # action 0: TakeCover's "none"
-        death = np.eye(len(p))[-1]
-        by_moving.append(np.stack([moved, hit, death, hit & ~in_view, p], axis=1))
+        by_moving.append(np.stack([moved(episode_actions), hit, np.eye(len(p))[-1], hit & ~in_view, p], axis=1))
     print(f"hits per death: mean {np.mean(hits):.2f}, at most {max(hits)}; p(done) at the fatal hit: mean "
           f"{np.mean(fatal):.3f} (above 0.5: {np.mean(np.array(fatal) > 0.5):.0%}); at the other hits: mean "
           f"{np.mean(other):.3f} (above 0.5: {np.mean(np.array(other) > 0.5):.0%}); elsewhere: mean {np.mean(calm):.4f}")
@@ -102,11 +106,11 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray], frames: l
         if rows.any():
             print(f"| {label} | {rows.sum()} | {killed[rows].mean():.2f} | {p_done[rows].mean():.3f} | "
                   f"{np.median(since[rows]):.0f} |")
-    moved, hit, death, unseen, p_done = np.concatenate(by_moving).T
+    moving, hit, death, unseen, p_done = np.concatenate(by_moving).T
     print("| share of the last 10 actions that moved | steps | hits per 1000 steps, in the game (of them unseen) | deaths "
           "per 1000 steps | M's p(done) summed per 1000 steps |\n| --- | --- | --- | --- | --- |")
-    for low, high in ((0.0, 0.35), (0.35, 0.75), (0.75, 1.01)):
-        rows = (moved >= low) & (moved < high)
+    for low, high in MOVING_BUCKETS:
+        rows = (moving >= low) & (moving < high)
         if rows.any():
             print(f"| {low:.2f}..{min(high, 1.0):.2f} | {rows.sum()} | {1000 * hit[rows].mean():.2f} "
                   f"({1000 * unseen[rows].mean():.2f}) | {1000 * death[rows].mean():.2f} | {1000 * p_done[rows].mean():.2f} |")

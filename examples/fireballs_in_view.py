@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 import dreamenv
-from done_along_real_episodes import FIREBALL_IN_VIEW, done_probabilities, fireball_pixels
+from done_along_real_episodes import FIREBALL_IN_VIEW, MOVING_BUCKETS, done_probabilities, fireball_pixels, moved
 from dreamenv.compare import load_policy
 from dreamenv.data.dataset import open_rollouts
 from dreamenv.envs.dream import DreamEnv
 
 STEP_BUCKETS = ((0, 300), (300, 600), (600, 1000), (1000, 2100))
-MOVING_BUCKETS = ((0.0, 0.35), (0.35, 0.75), (0.75, 1.01))
 EVERY = 5  # look at every 5th frame
 
 
@@ -34,12 +33,8 @@ def decoded(world_model: dreamenv.WorldModel, z: np.ndarray) -> np.ndarray:
     return (frames.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
 
 
-def moved(actions: np.ndarray) -> np.ndarray:
-    """Share of the last 10 actions (this one included) that moved: TakeCover's action 0 is "none"."""
-    return np.convolve(actions != 0, np.ones(10), "full")[: len(actions)] / 10
-
-
 def share_by_step(steps: np.ndarray, in_view: np.ndarray) -> list[str]:
+    """The share of frames showing a fireball in each of STEP_BUCKETS, as table cells."""
     return [f"{in_view[(steps >= lo) & (steps < hi)].mean():.1%}" if ((steps >= lo) & (steps < hi)).any() else ""
             for lo, hi in STEP_BUCKETS]
 
