@@ -45,10 +45,12 @@ if __name__ == "__main__":
     parser.add_argument("store", help="the policy's real games (a `dreamenv collect` store)")
     parser.add_argument("--policy", required=True, help="the policy (as `dreamenv compare --policy`)")
     parser.add_argument("--algo", default=None, help="its algo (as `dreamenv compare --algo`)")
+    parser.add_argument("--policy-bundle", default=None,
+                        help="the bundle the policy learnt in, to play it in another M's dream of the same V and sizes")
     parser.add_argument("--dreams", type=int, default=50)
     args = parser.parse_args()
     wm = dreamenv.load_world_model(args.bundle)
-    policy = load_policy(args.policy, args.algo, args.bundle)
+    policy = load_policy(args.policy, args.algo, args.policy_bundle or args.bundle)
     game_steps, game_raw, game_v, game_rows = [], [], [], []
     with open_rollouts(args.store) as store:
         bounds, actions, terminated = store.episode_bounds(), store.load_arrays()["actions"], store.load_arrays()["terminated"]
