@@ -64,6 +64,13 @@ def moved(actions: np.ndarray) -> np.ndarray:
     return np.convolve(actions != 0, np.ones(10), "full")[: len(actions)] / 10
 
 
+def last_step(length: int) -> np.ndarray:
+    """(length,) flags with only the last step set: where an episode's death falls."""
+    flags = np.zeros(length)
+    flags[-1] = 1.0
+    return flags
+
+
 def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray], frames: list[np.ndarray],
                 actions: list[np.ndarray]) -> None:
     """p(done) at the fatal hits, at the other hits and at the steps without a hit; then by the hit's number in its
@@ -86,7 +93,7 @@ def report_hits(episodes: list[np.ndarray], healths: list[np.ndarray], frames: l
             seen_at = np.flatnonzero(in_view[: step + 1])
             by_number.setdefault(k, []).append((k == len(steps), health[step], p[step]))
             by_step.append((step, k == len(steps), p[step], in_view[step], step - seen_at[-1] if len(seen_at) else step))
-        by_moving.append(np.stack([moved(episode_actions), hit, np.eye(len(p))[-1], hit & ~in_view, p], axis=1))
+        by_moving.append(np.stack([moved(episode_actions), hit, last_step(len(p)), hit & ~in_view, p], axis=1))
     print(f"hits per death: mean {np.mean(hits):.2f}, at most {max(hits)}; p(done) at the fatal hit: mean "
           f"{np.mean(fatal):.3f} (above 0.5: {np.mean(np.array(fatal) > 0.5):.0%}); at the other hits: mean "
           f"{np.mean(other):.3f} (above 0.5: {np.mean(np.array(other) > 0.5):.0%}); elsewhere: mean {np.mean(calm):.4f}")

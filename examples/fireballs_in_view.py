@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 import dreamenv
-from done_along_real_episodes import FIREBALL_IN_VIEW, MOVING_BUCKETS, done_probabilities, fireball_pixels, moved
+from done_along_real_episodes import (FIREBALL_IN_VIEW, MOVING_BUCKETS, done_probabilities, fireball_pixels, last_step,
+                                      moved)
 from dreamenv.compare import load_policy
 from dreamenv.data.dataset import open_rollouts
 from dreamenv.envs.dream import DreamEnv
@@ -53,7 +54,8 @@ if __name__ == "__main__":
     policy = load_policy(args.policy, args.algo, args.policy_bundle or args.bundle)
     game_steps, game_raw, game_v, game_rows = [], [], [], []
     with open_rollouts(args.store) as store:
-        bounds, actions, terminated = store.episode_bounds(), store.load_arrays()["actions"], store.load_arrays()["terminated"]
+        arrays = store.load_arrays()
+        bounds, actions, terminated = store.episode_bounds(), arrays["actions"], arrays["terminated"]
         for start, end in bounds:
             frames = store.load_frames(np.arange(start, end))
             look = np.arange(0, end - start, EVERY)
@@ -78,7 +80,7 @@ if __name__ == "__main__":
             taken.append(action)
         dream_steps.append(np.arange(len(latents)) * EVERY)
         dream_v.append(fireball_pixels(decoded(wm, np.stack(latents))) >= FIREBALL_IN_VIEW)
-        dream_rows.append(np.stack([moved(np.array(taken)), p_done, np.eye(len(taken))[-1] * ended], axis=1))
+        dream_rows.append(np.stack([moved(np.array(taken)), p_done, last_step(len(taken)) * ended], axis=1))
     steps, dream_steps = np.concatenate(game_steps), np.concatenate(dream_steps)
     print(f"{len(bounds)} real games, {args.dreams} dreams; frames showing a fireball, by step")
     print("| steps | " + " | ".join(f"{lo}..{hi - 1}" for lo, hi in STEP_BUCKETS) + " |")
