@@ -1,4 +1,4 @@
-"""The `dreamenv` command: collect | train | info | controller | train-agent | evaluate | compare | dream | fidelity | pipeline | iterate."""
+"""The `dreamenv` command: collect | branch | mirror | train | info | controller | train-agent | evaluate | compare | dream | fidelity | pipeline | iterate."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,18 @@ def cmd_branch(args: argparse.Namespace) -> None:
                             episodes_per_shard=args.episodes_per_shard, backend=args.backend,
                             compression=args.compression)
     print(f"branches: {path}")
+
+
+def cmd_mirror(args: argparse.Namespace) -> None:
+    from dreamenv.data.mirror import mirror_store
+
+    try:
+        action_map = _floats(args.action_map)
+    except ValueError:
+        raise ValueError(f"--action-map must be comma-separated numbers, got {args.action_map!r}") from None
+    path = mirror_store(args.store, args.out, action_map, episodes_per_shard=args.episodes_per_shard,
+                        compression=args.compression)
+    print(f"mirrored: {path}")
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -525,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="process", choices=["serial", "process", "ray"], help="evaluator backend")
     p.add_argument("--compression", default="gzip", choices=["gzip", "zstd", "none"], help="frame compression (default gzip)")
     p.set_defaults(func=cmd_branch)
+
+    p = sub.add_parser("mirror", help="write a store's episodes mirrored left to right, for symmetric games (resumable)")
+    p.add_argument("store", help="rollout index file written by `dreamenv collect` (or `branch`)")
+    p.add_argument("--out", required=True, help="index file to write (shards go beside it)")
+    p.add_argument("--action-map", required=True, help="Discrete: the mirror image of each action in order "
+                   "(VizdoomTakeCover's none, right, left: 0,2,1); Box: a sign per dimension (CarRacing: -1,1,1)")
+    p.add_argument("--episodes-per-shard", type=int, default=8, help="episodes per shard file (default 8)")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "zstd", "none"], help="frame compression (default gzip)")
+    p.set_defaults(func=cmd_mirror)
 
     p = sub.add_parser("train", help="train V then M (or an RSSM) on rollouts and write a bundle (resumable)")
     p.add_argument("data", nargs="+", help="rollout index file(s) written by `dreamenv collect`, all of one env")

@@ -26,6 +26,7 @@ from dreamenv.data.collect import (
     shard_dir_for, shard_path,
 )
 from dreamenv.data.dataset import open_rollouts
+from dreamenv.data.mirror import MIRROR_PREFIX
 from dreamenv.data.preprocess import FrameSpec, extract_frame
 from dreamenv.parallel import BACKENDS, run_tasks
 from dreamenv.spaces import space_to_json
@@ -87,9 +88,13 @@ def dying_episodes(stores: Sequence[str | Path]) -> tuple[list[SourceEpisode], d
                 raise ValueError(f"{store}: no env_id, frame_spec, action_space, seed or policy attribute; branch stores "
                                  "written by `dreamenv collect`, whose episode i was reset with seed + i")
             attrs = {key: value.decode() if isinstance(value, bytes) else value for key, value in attrs.items()}
-            if str(attrs.pop("policy")).startswith("branch:"):
+            policy = str(attrs.pop("policy"))
+            if policy.startswith("branch:"):
                 raise ValueError(f"{store} holds branches, which do not start at a reset: branch the stores they "
                                  "came from")
+            if policy.startswith(MIRROR_PREFIX):
+                raise ValueError(f"{store} holds mirrored episodes, which the game does not replay: branch the store "
+                                 "they mirror, then mirror the branches")
             seed = int(attrs.pop("seed"))
             if common is not None and attrs != common:
                 raise ValueError(f"{store}: another env, frame rule or action space than {stores[0]}; branch one "
