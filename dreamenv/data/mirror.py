@@ -25,7 +25,7 @@ MIRROR_PREFIX = "mirror:"  # a mirrored store's policy attribute starts so: its 
 
 def mirror_action_map(space: gym.Space, values: Sequence[float]) -> np.ndarray:
     """The action map `values` checked against `space`: for Discrete(n), the mirror image of each action in order (a
-    permutation that undoes itself, TakeCover's none/left/right: 0,2,1); for Box, a sign per dimension (CarRacing's
+    permutation that undoes itself, TakeCover's none, right, left: 0,2,1); for Box, a sign per dimension (CarRacing's
     steer/gas/brake: -1,1,1)."""
     values = list(values)
     if isinstance(space, gym.spaces.Discrete):
