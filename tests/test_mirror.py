@@ -84,6 +84,9 @@ def test_bad_maps_and_stores_are_refused(source: Path, tmp_path: Path) -> None:
     out = mirror_store(source, tmp_path / "m.h5", [0, 2, 1], progress=False)
     with pytest.raises(ValueError, match="mirrored episodes"):
         dying_episodes([out])
+    next(shard_dir_for(source).glob("shard-*.h5")).unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        mirror_store(source, tmp_path / "n.h5", [0, 2, 1], progress=False)
 
 
 def test_the_command_writes_a_store_and_names_a_bad_map(source: Path, tmp_path: Path, capsys) -> None:

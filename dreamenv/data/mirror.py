@@ -98,14 +98,15 @@ def mirror_store(
         index = _IndexWriter(out, shard_dir, plan, spec, space, identity)
         index.write(done)
         columns = _columns(spec, space, identity["game_variables"])
+        arrays = source.load_arrays()
         with tqdm(total=len(bounds), initial=sum(plan[k][1] for k in done), unit="episode",
                   desc=f"mirror {store.name}", disable=not progress) as bar:
             for k, (first, count) in plan.items():
                 if k in done:
                     continue
-                rows = slice(int(bounds[first][0]), int(bounds[first + count - 1][1]))
-                episode = {name: f[name][rows] for name in columns}
-                episode["frames"] = np.ascontiguousarray(episode["frames"][:, :, ::-1])
+                lo, hi = int(bounds[first][0]), int(bounds[first + count - 1][1])
+                episode = {name: arrays[name][lo:hi] for name in columns if name != "frames"}
+                episode["frames"] = np.ascontiguousarray(source.load_frames(np.arange(lo, hi))[:, :, ::-1])
                 episode["actions"] = mirror_actions(space, mapping, episode["actions"])
                 done[k] = _write_shard(shard_path(shard_dir, k), columns, episode, compression,
                                        {**identity, "shard": k, "first_episode": first, "num_episodes": count})
