@@ -28,26 +28,27 @@ def mirror_action_map(space: gym.Space, values: Sequence[float]) -> np.ndarray:
     permutation that undoes itself, TakeCover's none, right, left: 0,2,1); for Box, a sign per dimension (CarRacing's
     steer/gas/brake: -1,1,1)."""
     values = list(values)
+    shown = ",".join(f"{v:g}" for v in values)
     if isinstance(space, gym.spaces.Discrete):
         start, n = int(space.start), int(space.n)
         actions = list(range(start, start + n))
         if len(values) != n or sorted(values) != actions or any(v != int(v) for v in values):
             raise ValueError(f"a Discrete({n}) action map lists the mirror image of each action {actions} in order, "
-                             f"a permutation of them; got {values} (TakeCover's none, right, left: 0,2,1)")
+                             f"a permutation of them; got {shown} (TakeCover's none, right, left: 0,2,1)")
         mapping = np.array(values, dtype=np.int64)
         if not np.array_equal(mapping[mapping - start], np.array(actions)):
-            raise ValueError(f"the action map {values} does not undo itself: mirroring twice must give each action "
+            raise ValueError(f"the action map {shown} does not undo itself: mirroring twice must give each action "
                              "back (swap pairs of actions, keep the rest)")
         return mapping
     if isinstance(space, gym.spaces.Box):
         size = int(np.prod(space.shape))
         if len(values) != size or any(v not in (-1.0, 1.0) for v in values):
             raise ValueError(f"a Box action map gives each of the {size} action dimensions a sign, -1 (mirrored) or 1; "
-                             f"got {values} (CarRacing's steer, gas, brake: -1,1,1)")
+                             f"got {shown} (CarRacing's steer, gas, brake: -1,1,1)")
         signs = np.array(values, dtype=np.float32).reshape(space.shape)
         flipped = signs < 0
         if np.any(space.low[flipped] != -space.high[flipped]):
-            raise ValueError(f"the action map {values} negates a dimension whose bounds are not symmetric about 0 "
+            raise ValueError(f"the action map {shown} negates a dimension whose bounds are not symmetric about 0 "
                              f"({space}): its mirrored actions would leave the space")
         return signs
     raise ValueError(f"mirroring supports Discrete and Box action spaces, not {space}")
