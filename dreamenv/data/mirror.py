@@ -17,7 +17,7 @@ from dreamenv.data.collect import (
     _check_index_identity, _columns, _IndexWriter, _package_version, _plan_shards,
     _remove_stale_tmp, _scan_complete_shards, _ShardWriter, compression_kwargs, shard_dir_for, shard_path,
 )
-from dreamenv.data.dataset import open_rollouts
+from dreamenv.data.dataset import _attr, open_rollouts
 from dreamenv.spaces import space_to_json
 
 MIRROR_PREFIX = "mirror:"  # a mirrored store's policy attribute starts so: its episodes do not replay from their seeds
@@ -83,12 +83,13 @@ def mirror_store(
                              "`dreamenv collect`")
         space, spec = source.action_space, source.frame_spec
         mapping = mirror_action_map(space, action_map)
-        recipe = {"store": str(store.resolve()), "policy": _text(f.attrs.get("policy", "")),
+        arrays = source.load_arrays()
+        recipe = {"store": str(store.resolve()), "policy": str(_attr(f, "policy", "")),
                   "action_map": [float(v) for v in action_map]}
-        identity = {"env_id": source.env_id, "seed": int(f.attrs.get("seed", 0)),
+        identity = {"env_id": source.env_id, "seed": int(_attr(f, "seed", 0)),
                     "episodes_per_shard": int(episodes_per_shard), "policy": MIRROR_PREFIX + json.dumps(recipe),
                     "frame_spec": json.dumps(spec.to_json()), "action_space": json.dumps(space_to_json(space)),
-                    "game_variables": int(f["game_variables"].shape[1]) if "game_variables" in f else 0}
+                    "game_variables": arrays["game_variables"].shape[1] if "game_variables" in arrays else 0}
         _check_index_identity(out, identity)
         shard_dir = shard_dir_for(out)
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,6 @@ def mirror_store(
         index = _IndexWriter(out, shard_dir, plan, spec, space, identity)
         index.write(done)
         columns = _columns(spec, space, identity["game_variables"])
-        arrays = source.load_arrays()
         with tqdm(total=len(bounds), initial=sum(plan[k][1] for k in done), unit="episode",
                   desc=f"mirror {store.name}", disable=not progress) as bar:
             for k, (first, count) in plan.items():
@@ -114,11 +114,6 @@ def mirror_store(
                 index.write(done)
                 bar.update(count)
     return out
-
-
-def _text(value: Any) -> str:
-    """An HDF5 string attribute as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _write_shard(path: Path, columns: dict[str, tuple[tuple[int, ...], np.dtype]], arrays: dict[str, np.ndarray],
