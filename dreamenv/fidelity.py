@@ -19,6 +19,7 @@ from dreamenv.registry import load_world_model, resolve_bundle
 from dreamenv.worldmodel import WorldModel
 
 TABLE_HORIZONS = (1, 5, 10, 20, 30, 50)
+STEP_BINS = 8  # the one-step done scores are also split over this many equal spans of the episode limit
 PLOT_PANELS = (  # (result key, panel title); latent last, as its scale is each model's own
     ("pixel_mse", "pixel MSE (comparable)"),
     ("reward_mae_by_horizon", "reward MAE"),
@@ -98,7 +99,7 @@ def load_episodes(paths: Sequence[str | Path], exclude: set[tuple[str, int]], ma
 class HorizonSums:
     """Per-horizon sums of the open-loop errors of one bundle, and its done scores."""
 
-    def __init__(self, horizon: int) -> None:
+    def __init__(self, horizon: int, step_edges: np.ndarray) -> None:
         self.latent = np.zeros(horizon)
         self.pixel = np.zeros(horizon)
         self.frames = np.zeros(horizon)
@@ -109,6 +110,10 @@ class HorizonSums:
         self.one_step_steps = 0
         self.done_one_step = DoneScores()  # every real step, dreamed one step from the filtered state
         self.done_open_loop = DoneScores()  # every step of every window
+        self.step_edges = step_edges  # spans of the episode's step count: is M's p(done) as right late as early?
+        self.steps_by_span = np.zeros(len(step_edges) - 1)
+        self.true_ends_by_span = np.zeros(len(step_edges) - 1)
+        self.predicted_ends_by_span = np.zeros(len(step_edges) - 1)
 
     def result(self) -> dict[str, Any]:
         """Means per horizon (None where no window reached it) and the overall reward error and done scores."""
@@ -126,7 +131,17 @@ class HorizonSums:
             "reward_mse": float(self.reward_sq.sum() / steps) if steps else None,
             "done_one_step": self.done_one_step.metrics(),
             "done_open_loop": self.done_open_loop.metrics(),
+            "done_by_episode_step": {"edges": self.step_edges.astype(int).tolist(), "steps": self.steps_by_span.astype(int).tolist(),
+                                     "true_ends": self.true_ends_by_span.astype(int).tolist(),
+                                     "predicted_ends": self.predicted_ends_by_span.tolist()},
         }
+
+    def add_by_span(self, t: int, done_prob: np.ndarray, truth: np.ndarray, alive: np.ndarray) -> None:
+        """Count one real step t of a group's episodes (one-step p(done) against the truth) in its span."""
+        span = min(int(np.searchsorted(self.step_edges, t, side="right")) - 1, len(self.steps_by_span) - 1)
+        self.steps_by_span[span] += alive.sum()
+        self.true_ends_by_span[span] += truth[alive].sum()
+        self.predicted_ends_by_span[span] += done_prob[alive].sum()
 
 
 def _rows(state: tuple[torch.Tensor, ...], rows: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -160,9 +175,10 @@ def score_group(world_model: WorldModel, group: list[Episode], config: FidelityC
         error = (rewards - np.array([e.rewards[i] for e, i in zip(group, last)]))[alive]
         sums.one_step_reward_abs += np.abs(error).sum()
         sums.one_step_steps += alive.sum()
-        sums.done_one_step.add(torch.from_numpy(core.done_probability(after)),
-                               torch.tensor([e.terminated[i] for e, i in zip(group, last)], dtype=torch.float32),
+        done_prob, truth = core.done_probability(after), np.array([e.terminated[i] for e, i in zip(group, last)])
+        sums.done_one_step.add(torch.from_numpy(done_prob), torch.from_numpy(truth.astype(np.float32)),
                                torch.from_numpy(alive.astype(np.float32)))
+        sums.add_by_span(t, done_prob, truth, alive)
         tracker.advance(actions)
     state = _cat(states)
     episode_of = np.array([r for r, _ in starts])
@@ -219,7 +235,7 @@ def fidelity(bundles: Sequence[str | Path], data: Sequence[str | Path], config: 
     }
     groups = [episodes[i : i + config.batch_episodes] for i in range(0, len(episodes), config.batch_episodes)]
     for name, wm in zip(names, models):
-        sums = HorizonSums(config.horizon)
+        sums = HorizonSums(config.horizon, np.unique(np.linspace(0, wm.max_episode_steps, STEP_BINS + 1).round()))
         rng = np.random.default_rng(config.seed)
         for group in tqdm(groups, desc=f"fidelity {Path(name).name}", unit="group", disable=not progress):
             score_group(wm, group, config, rng, sums)
@@ -262,7 +278,15 @@ def format_fidelity(result: dict[str, Any]) -> str:
         lines.append(_row(f"predicted ends per true end, {name}",
                           *(_num(b[scope]["predicted_dones_per_true"], 3) for b in bundles)))
     lines.append(_row("terminal steps", *(str(int(b["done_one_step"]["terminal_steps"])) for b in bundles)))
-    lines += ["", "Latent MSE compares each model's dreamed observation with what RealEnv shows at the same step, in that "
+    spans = bundles[0]["done_by_episode_step"]
+    lines += ["", _row("episode steps", "real steps", "true ends", *(f"predicted ends {label}" for label in labels)),
+              _row(*["---"] * (3 + len(labels)))]
+    for i, (lo, hi) in enumerate(zip(spans["edges"][:-1], spans["edges"][1:])):
+        lines.append(_row(f"{lo}..{hi - 1}", str(spans["steps"][i]), str(spans["true_ends"][i]),
+                          *(_num(b["done_by_episode_step"]["predicted_ends"][i], 1) for b in bundles)))
+    lines += ["", "Predicted ends are the sums of M's one-step p(done) over the real steps of each span of the episode: "
+              "beside the true ends they show whether the dream's deaths come as often late in a game as early.",
+              "Latent MSE compares each model's dreamed observation with what RealEnv shows at the same step, in that "
               "model's own latent space (not comparable across models); pixel MSE is per pixel value in [0, 1] against "
               "the real frame (comparable)."]
     return "\n".join(lines)

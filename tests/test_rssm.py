@@ -861,12 +861,27 @@ def test_fidelity_scores_held_out_episodes(rssm_discrete: TinyRSSM, tmp_path: Pa
     everything = fidelity([mdn, rssm_discrete.bundle], [rollouts], FidelityConfig(horizon=2, all_episodes=True, max_episodes=3),
                           progress=False)
     assert everything["episodes"] == 3
+
+    # The one-step done scores split over spans of the episode: each real step and each true end in the span of its step.
+    bounds = data.bounds[:3]
+    last_steps = [end - start - 1 for start, end in bounds if data.arrays["terminated"][end - 1]]
+    for bundle in everything["bundles"]:
+        spans = bundle["done_by_episode_step"]
+        edges = spans["edges"]
+        assert edges[0] == 0 and edges[-1] == wm.max_episode_steps and 2 <= len(edges) <= 9
+        assert spans["steps"] == [sum(max(0, min(end - start, hi) - lo) for start, end in bounds)
+                                  for lo, hi in zip(edges[:-1], edges[1:])]
+        assert spans["true_ends"] == [sum(lo <= t < hi for t in last_steps) for lo, hi in zip(edges[:-1], edges[1:])]
+        assert sum(spans["true_ends"]) == bundle["done_one_step"]["terminal_steps"] > 0
+        assert sum(spans["predicted_ends"]) == pytest.approx(
+            bundle["done_one_step"]["predicted_dones_per_true"] * bundle["done_one_step"]["terminal_steps"], rel=1e-4)
     out, png = tmp_path / "fidelity.json", tmp_path / "plots" / "fidelity.png"
     argv = ["fidelity", str(mdn), str(rssm_discrete.bundle), str(rollouts), "--horizon", "5", "--stride", "3", "--json", str(out),
             "--plot", str(png)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| horizon | latent MSE A | latent MSE B |" in table and "| 5 |" in table and "(rssm, latent observation 32)" in table
+    assert "| episode steps | real steps | true ends | predicted ends A | predicted ends B |" in table
     assert json.loads(out.read_text())["bundles"][1]["model_kind"] == "rssm"
     assert f"wrote {png}" in table
     _assert_png(png)
