@@ -293,7 +293,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
     from dreamenv.agents.train import ALGO_TABLES, train_agent
 
     recipe = load_recipe(args.config)
-    for option, value, algos in (("--start-data", args.start_data, ("actor-critic", "ppo", "sac")),
+    for option, value, algos in (("--start-data", args.start_data, ("actor-critic", "ppo", "sac", "dagger")),
+                                 ("--real-episodes", args.real_episodes, ("dagger",)),
                                  ("--max-steps", args.max_steps, ("ppo", "sac")),
                                  ("--temperature-range", args.temperature_range, ("actor-critic",)),
                                  ("--actor-gradient", args.actor_gradient, ("actor-critic",)),
@@ -310,7 +311,8 @@ def cmd_train_agent(args: argparse.Namespace) -> None:
         if args.timesteps is not None:
             raise ValueError("--timesteps is a PPO, SAC and actor-critic option: DAgger takes its budget from the "
                              "--config recipe's [dagger] table (rounds, dreams)")
-        overrides.update(dreams=args.n_envs, teacher=args.teacher, teacher_algo=args.teacher_algo)
+        overrides.update(dreams=args.n_envs, teacher=args.teacher, teacher_algo=args.teacher_algo,
+                         real_episodes=args.real_episodes, start_data=args.start_data)
     elif args.algo == "cmaes":
         if args.timesteps is not None or args.n_envs is not None:
             raise ValueError("--timesteps and --n-envs are PPO, SAC and actor-critic options: CMA-ES takes its budget from "
@@ -665,7 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-data", nargs="+", metavar="DATA",
                    help="actor-critic: rollout store(s) its imagination starts from (default: the bundle's own data, "
                    "which a shipped bundle does not include); ppo, sac: start every dream from a state of these real "
-                   "episodes instead of a first frame")
+                   "episodes instead of a first frame; dagger: the real episodes of --real-episodes")
+    p.add_argument("--real-episodes", type=int, metavar="N",
+                   help="dagger: the teacher also labels every state of N recorded real episodes (of --start-data, "
+                   "default the bundle's rollouts) and the controller fits them too")
     p.add_argument("--max-steps", type=int, help="ppo, sac: truncate each dream after this many steps (default: the "
                    "env's limit); with --start-data, short branches from real states")
     p.add_argument("--done-mode", choices=["sample", "threshold", "expected"],

@@ -1,6 +1,7 @@
 """DAgger in the dream: a linear controller learns a teacher's actions, resumes, and is refused bad teachers."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from safetensors.numpy import load_file
 import dreamenv.agents.dagger as dagger_module
 from dreamenv.agents.controller import ControllerMismatchError, LinearController, dream_returns, load_controller
 from dreamenv.agents.dagger import DAggerConfig, teacher_view, train_dagger
+from dreamenv.agents.starts import real_start_bank
 from dreamenv.cli import main
 from dreamenv.compare import compare
+from dreamenv.data.dataset import open_rollouts
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.worldmodel import WorldModel
 from tests.conftest import Tiny
@@ -112,6 +115,14 @@ def test_dagger_from_the_command_line(tiny_discrete: Tiny, tmp_path: Path, capsy
     assert main(["train-agent", str(tiny_discrete.bundle), "--algo", "dagger", "--teacher", str(teacher_dir),
                  "--timesteps", "5", "--out", str(tmp_path / "d")]) == 2
     assert "--timesteps is a PPO" in capsys.readouterr().err
+    assert main(["train-agent", str(tiny_discrete.bundle), "--algo", "dagger", "--teacher", str(teacher_dir), "--n-envs", "4",
+                 "--config", str(recipe), "--real-episodes", "2", "--start-data", str(tiny_discrete.rollouts),
+                 "--out", str(tmp_path / "real")]) == 0
+    info = load_controller(tmp_path / "real", tiny_discrete.bundle).info
+    assert info["dagger"]["real_episodes"] == 2 and info["dagger"]["start_data"] == [str(tiny_discrete.rollouts)]
+    assert main(["train-agent", str(tiny_discrete.bundle), "--algo", "cmaes", "--real-episodes", "2",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "--real-episodes is an option of dagger" in capsys.readouterr().err
 
 
 def test_dagger_controller_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path) -> None:
@@ -126,3 +137,34 @@ def test_dagger_controller_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path
     wm = WorldModel.load(tiny_discrete.bundle)
     with pytest.raises(ValueError, match="cannot give it"):
         teacher_view(labels["obs"][:, :20], "latent", "latent_cell", wm)
+
+
+def test_dagger_fits_the_teacher_on_real_states(tiny_discrete: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """real_episodes: the teacher labels every state of recorded real episodes too, once, and the controller fits them."""
+    teacher_dir = _teacher(tiny_discrete, tmp_path)
+    teacher = load_controller(teacher_dir)
+    wm = WorldModel.load(tiny_discrete.bundle)
+    config = DAggerConfig(teacher=str(teacher_dir), rounds=1, dreams=4, keep_fraction=1.0, fit_steps=300,
+                          learning_rate=5e-2, weight_decay=0.0, real_episodes=3, start_data=[str(tiny_discrete.rollouts)])
+    calls: list[int] = []
+
+    def counting(world_model, episodes, *args, **kwargs):
+        calls.append(episodes)
+        return real_start_bank(world_model, episodes, *args, **kwargs)
+
+    monkeypatch.setattr(dagger_module, "real_start_bank", counting)
+    out = tmp_path / "student"
+    student = train_dagger(tiny_discrete.bundle, out, config, progress=False)
+    real = load_file(str(out / "dagger" / "real.safetensors"))
+    dream = load_file(str(out / "dagger" / "round0.safetensors"))
+    with open_rollouts(tiny_discrete.rollouts) as store:
+        lengths = sorted(int(end - start) for start, end in store.episode_bounds())
+    assert calls == [3] and len(real["obs"]) in {sum(c) for c in itertools.combinations(lengths, 3)}  # every step of 3
+    assert real["obs"].shape[1] == latent_dim(wm, "latent")
+    np.testing.assert_array_equal(real["actions"], teacher.act(real["obs"]))
+    assert student.info["history"][0]["labels"] == len(real["obs"]) + len(dream["obs"])
+    assert (student.act(real["obs"]) == teacher.act(real["obs"])).mean() > 0.9
+    train_dagger(tiny_discrete.bundle, out, DAggerConfig(**{**config.__dict__, "rounds": 2}), progress=False)
+    assert calls == [3]  # a resumed run reads the real labels back
+    with pytest.raises(ValueError, match="set real_episodes"):
+        DAggerConfig(teacher="t", start_data=["a.h5"])

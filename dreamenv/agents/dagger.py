@@ -1,6 +1,11 @@
 """DAgger in the dream: the paper's linear controller fitted to a stronger teacher's actions (an actor-critic, PPO, any
 saved policy) on the dream states the controller itself reaches, so the small controller inherits what the teacher
-learned in the dream without CMA-ES's search, which finds the dream's exploits (standing still) first."""
+learned in the dream without CMA-ES's search, which finds the dream's exploits (standing still) first.
+
+With `real_episodes`, the teacher also labels every state of that many recorded real episodes (as RealEnv sees them:
+the actor-critic's real starts), and the controller fits those labels too: where a dream's states drift from the
+game's, a linear map fitted on dream states alone can part from its teacher in the game (docs/agents.md measures it).
+No new real frames are used."""
 from __future__ import annotations
 
 import json
@@ -15,14 +20,16 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from dreamenv.agents.controller import LinearController, dream_returns, output_dim, outputs_to_actions
+from dreamenv.agents.starts import real_start_bank
 from dreamenv.config import config_from_table
-from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode
+from dreamenv.envs.dream import TRAINING_DONE_MODES, checked_done_mode, dream_core
 from dreamenv.envs.spaces import latent_dim
 from dreamenv.registry import load_world_model
 from dreamenv.worldmodel import WorldModel
 
 STATE_FILE = "dagger.json"
 DATA_DIR = "dagger"
+REAL_FILE = "real.safetensors"  # the teacher's labels on recorded real states, under DATA_DIR
 
 
 @dataclass
@@ -42,6 +49,8 @@ class DAggerConfig:
     temperature: float | None = None  # None: the bundle's default
     done_mode: str = "sample"
     obs_mode: str = "latent"  # the controller's input; "latent_cell" adds M's cell state c to the teacher's [z, h]
+    real_episodes: int = 0  # recorded real episodes whose every state the teacher labels too (0: dream states only)
+    start_data: list[str] | None = None  # the stores of those episodes (None: the bundle's recorded rollouts)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +61,11 @@ class DAggerConfig:
         for name in ("rounds", "dreams", "fit_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.real_episodes < 0:
+            raise ValueError(f"real_episodes counts episodes: give 0 or more, not {self.real_episodes}")
+        if self.start_data and not self.real_episodes:
+            raise ValueError("start_data holds the real episodes the teacher labels: set real_episodes (--real-episodes N) "
+                             "or drop it")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
 
@@ -82,6 +96,19 @@ def teacher_view(obs: np.ndarray, obs_mode: str, teacher_mode: str, world_model:
                      f"use obs_mode {teacher_mode!r}")
 
 
+def real_labels(world_model: WorldModel, teacher: Any, teacher_mode: str, config: DAggerConfig,
+                progress: bool = False) -> dict[str, np.ndarray]:
+    """Every state of config.real_episodes recorded real episodes in the controller's observation, with the teacher's
+    deterministic action there."""
+    states, _ = real_start_bank(world_model, config.real_episodes, np.random.default_rng([config.seed, 1 << 20]),
+                                progress, config.start_data)
+    obs = dream_core(world_model).observe(states, config.obs_mode)
+    actions = np.concatenate([np.asarray(teacher.predict(teacher_view(obs[i : i + 4096], config.obs_mode, teacher_mode,
+                                                                      world_model), deterministic=True)[0])
+                              for i in range(0, len(obs), 4096)])
+    return {"obs": obs.astype(np.float32), "actions": actions.astype(np.float32)}
+
+
 def train_dagger(bundle: Any, out: str | Path, config: DAggerConfig, progress: bool = True) -> LinearController:
     """DAgger a linear controller from config.teacher in the dream of `bundle`; writes a controller directory (as
     `dreamenv controller`) after every round and resumes from it and the labels kept in out/dagger/."""
@@ -105,6 +132,11 @@ def train_dagger(bundle: Any, out: str | Path, config: DAggerConfig, progress: b
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     data = [load_file(str(out / DATA_DIR / f"round{r}.safetensors")) for r in range(len(history))]
+    if config.real_episodes:
+        real_path = out / DATA_DIR / REAL_FILE
+        if not real_path.is_file():
+            save_file(real_labels(wm, teacher, teacher_mode, config, progress), str(real_path))
+        data.append(load_file(str(real_path)))
     info = {"env_id": wm.env_id, "bundle_fingerprint": wm.fingerprint, "trained_in": "dream", "obs_mode": config.obs_mode,
             "temperature": temperature, "dagger": asdict(config)}
     bar = tqdm(total=config.rounds, initial=len(history), desc=f"DAgger tau={temperature}", unit="round", disable=not progress)
