@@ -15,7 +15,7 @@ from dreamenv.agents.actor_critic import (ActionHead, ActorCriticConfig, ActorCr
                                           mlp, train_actor_critic)
 from dreamenv.agents.controller import LinearController
 from dreamenv.agents.dynamics import imagine_differentiably
-from dreamenv.agents.ensemble import save_ensemble
+from dreamenv.agents.ensemble import ActorCriticEnsemble, save_ensemble
 from dreamenv.agents.starts import StartStates, real_start_bank
 from dreamenv.agents.saved import write_agent_info
 from dreamenv.cli import main
@@ -477,10 +477,14 @@ def test_actor_critic_on_the_cell_state(tiny_discrete: Tiny, tmp_path: Path, cap
 @pytest.mark.parametrize("name", ["VizdoomTakeCover", "CarRacing"])
 def test_shipped_agent_acts_in_its_envs(name: str) -> None:
     shipped = Path(dreamenv.__file__).parent / "checkpoints" / name / "agent"
-    assert sorted(p.name for p in shipped.iterdir()) == ["actor_critic.safetensors", "agent.json"]  # weights + JSON, no pickle
     policy = dreamenv.load_agent(name, bundle=name)  # raises unless trained on the shipped bundle
-    assert isinstance(policy, ActorCriticPolicy)
-    assert policy.info["trained_in"] == "dream" and policy.info["starts"] == "real" and policy.info["config"]["start_data"]
+    members = policy.members if isinstance(policy, ActorCriticEnsemble) else [policy]
+    folders = [shipped / m for m in policy.info["members"]] if len(members) > 1 else [shipped]
+    for member, folder in zip(members, folders):  # weights + JSON, no pickle; each actor-critic imagined from real starts
+        assert sorted(p.name for p in folder.iterdir()) == ["actor_critic.safetensors", "agent.json"]
+        assert isinstance(member, ActorCriticPolicy) and member.info["trained_in"] == "dream"
+        assert member.info["starts"] == "real" and member.info["config"]["start_data"]
+        assert member.info["bundle_fingerprint"] == dreamenv.load_world_model(name).fingerprint
     env = gym.make(f"Dream-{name}-v0", temperature=1.0)
     obs, _ = env.reset(seed=0)
     for _ in range(50):
@@ -489,7 +493,7 @@ def test_shipped_agent_acts_in_its_envs(name: str) -> None:
         obs, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             obs, _ = env.reset()
-    assert isinstance(load_policy(name, algo="actor-critic"), ActorCriticPolicy)
+    assert isinstance(load_policy(name, algo="actor-critic"), (ActorCriticPolicy, ActorCriticEnsemble))
     assert isinstance(load_policy(name), LinearController)  # the name alone is still the controller
 
 
