@@ -181,3 +181,22 @@ def test_recipe_extends_errors(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "loop.toml").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_recipe(tmp_path / "loop.toml")
+
+
+@pytest.mark.parametrize("recipe_path", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_project_recipes_build_their_configs(recipe_path: Path) -> None:
+    """Every recipe in configs/ loads (with what it extends) and its [train] and agent tables are valid configs: a
+    misspelt key in a recipe fails here, not an hour into a run."""
+    from dreamenv.agents.actor_critic import ActorCriticConfig
+    from dreamenv.agents.dagger import DAggerConfig
+    from dreamenv.cli import load_recipe, recipe_world_model
+    from dreamenv.train import TrainConfig
+    from dreamenv.train_rssm import RSSMTrainConfig
+
+    recipe = load_recipe(recipe_path)
+    model, table = recipe_world_model(recipe)
+    (RSSMTrainConfig if model == "rssm" else TrainConfig).from_dict(table)
+    if "dagger" in recipe:
+        DAggerConfig.from_dict({"teacher": "VizdoomTakeCover", **recipe["dagger"]})
+    if "actor_critic" in recipe:
+        ActorCriticConfig.from_dict(recipe["actor_critic"])
