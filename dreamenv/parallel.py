@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from gymnasium.error import DependencyNotInstalled
@@ -60,6 +61,12 @@ def _run_process(fn: Callable[[T], R], tasks: list[T], workers: int) -> Iterator
         futures = [executor.submit(fn, task) for task in tasks]
         for future in as_completed(futures):
             yield future.result()
+    except BrokenProcessPool as error:
+        raise RuntimeError(
+            "a real-env worker process died before finishing its task. Workers start with spawn, which runs the "
+            "calling script again in each worker: in a script, keep the code that collects, evaluates or compares "
+            "under `if __name__ == \"__main__\":`. Otherwise the worker was killed (out of memory?) or crashed; "
+            "backend=\"serial\" (--backend serial) runs the episodes in this process instead") from error
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 

@@ -67,6 +67,25 @@ list(run_tasks(sleep_and_record, [{str(pids)!r}] * 2, backend="process", workers
     assert not any(_alive(pid) for pid in workers), "a worker outlived its killed parent"
 
 
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path) -> None:
+    """Spawned workers run the calling script again; unguarded, they die, and the error says what to do."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text('from dreamenv.parallel import run_tasks\nprint(list(run_tasks(abs, [1, -2], backend="process")))\n')
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text('from dreamenv.parallel import run_tasks\nif __name__ == "__main__":\n'
+                       '    print(sorted(run_tasks(abs, [1, -2], backend="process")))\n')
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    assert 'RuntimeError: a real-env worker process died' in run.stderr and 'if __name__ == "__main__":' in run.stderr
+    run = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, env=env, timeout=120)
+    assert (run.returncode, run.stdout) == (0, "[1, 2]\n")
+
+
 def sleep_and_record(path: str) -> None:
     import os
     import time
