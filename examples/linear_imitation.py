@@ -17,7 +17,7 @@ import torch
 
 from dreamenv import load_world_model
 from dreamenv.agents.controller import LinearController
-from dreamenv.agents.dagger import DAggerConfig, teacher_view
+from dreamenv.agents.dagger import DAggerConfig, imitation_loss, teacher_view
 from dreamenv.agents.starts import real_start_bank
 from dreamenv.compare import load_policy
 from dreamenv.envs.dream import dream_core
@@ -45,17 +45,17 @@ def real_states(world_model, agent, stores: list[str], obs_mode: str) -> tuple[n
     return obs, probs
 
 
-def fit(obs: np.ndarray, choices: np.ndarray, steps: int, weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
-    """A linear map fitted to the agent's choices as DAgger fits it, from zero."""
+def fit(obs: np.ndarray, choices: np.ndarray, space, steps: int, weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """A linear map fitted to the agent's choices as DAgger fits it (its loss, optimiser and batch), from zero."""
     config = DAggerConfig(teacher="agent")
     torch.manual_seed(0)
-    x, y = torch.from_numpy(obs), torch.from_numpy(choices)
-    weight = torch.zeros(int(choices.max()) + 1, obs.shape[1], requires_grad=True)
+    x, y = torch.from_numpy(obs), torch.from_numpy(choices + int(space.start))
+    weight = torch.zeros(int(space.n), obs.shape[1], requires_grad=True)
     bias = torch.zeros(len(weight), requires_grad=True)
     optimiser = torch.optim.Adam([weight, bias], lr=config.learning_rate)
     for _ in range(steps):
         rows = torch.randint(0, len(x), (config.batch_size,))
-        loss = torch.nn.functional.cross_entropy(x[rows] @ weight.T + bias, y[rows]) + weight_decay * (weight ** 2).sum()
+        loss = imitation_loss(x[rows] @ weight.T + bias, y[rows], space) + weight_decay * (weight ** 2).sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -90,7 +90,7 @@ def main() -> None:
               f"held out {agreement(controller.weight, controller.bias, held_obs, held_probs)}")
     for setting in args.fits:
         steps, weight_decay = setting.split(":")
-        weight, bias = fit(train_obs, train_probs.argmax(1), int(steps), float(weight_decay))
+        weight, bias = fit(train_obs, train_probs.argmax(1), world_model.action_space, int(steps), float(weight_decay))
         print(f"{steps} steps, L2 {weight_decay}: training games {agreement(weight, bias, train_obs, train_probs)}, "
               f"held out {agreement(weight, bias, held_obs, held_probs)}")
 
